@@ -1,0 +1,157 @@
+"""Argument checks for the public entry points.
+
+Every check runs at trace time (shapes and dtypes are static under ``jit``) and raises a
+``ValueError`` or ``TypeError`` that names the argument, shows what was seen and says
+what was expected, instead of letting XLA fail later or broadcasting silently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+SCORE_MODES = ("dot", "concat")
+
+
+def check_score_mode(score_mode: Any) -> None:
+    """Raises ``ValueError`` unless ``score_mode`` is one of :data:`SCORE_MODES`."""
+    if score_mode not in SCORE_MODES:
+        raise ValueError(
+            "Invalid value for argument score_mode. Expected one of {'dot', 'concat'}. "
+            f"Received: score_mode={score_mode!r}"
+        )
+
+
+def check_rate(name: str, rate: Any) -> None:
+    """Raises unless ``rate`` is a Python/NumPy real number in ``[0, 1)``."""
+    if isinstance(rate, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a concrete float in [0, 1), not a traced value; "
+            f"mark it static under jit. Received: {name}={rate!r}"
+        )
+    try:
+        rate = float(rate)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be a float in [0, 1). Received: {name}={rate!r}") from err
+    if math.isnan(rate) or not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1). Received: {name}={rate!r}")
+
+
+def as_float_array(name: str, x: Any) -> jax.Array:
+    """Converts ``x`` to a floating-point array of rank >= 2, or raises."""
+    try:
+        x = jnp.asarray(x)
+    except TypeError as err:
+        raise TypeError(f"{name} must be an array. Received: {name} of type {type(x)}") from err
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must have a floating-point dtype. Received: {name}.dtype={x.dtype}"
+        )
+    if x.ndim < 2:
+        raise ValueError(
+            f"{name} must have rank >= 2, shape [batch..., length, depth]. "
+            f"Received: {name}.shape={x.shape}"
+        )
+    return x
+
+
+def check_attention_shapes(query: jax.Array, value: jax.Array, key: jax.Array) -> tuple[int, ...]:
+    """Checks that query, value and key fit together; returns the broadcast batch shape.
+
+    Expects ``query [batch..., Tq, dim]``, ``value [batch..., Tv, dim_v]`` and
+    ``key [batch..., Tv, dim]``, with batch dims that broadcast against each other.
+    """
+    shapes = f"query.shape={query.shape}, key.shape={key.shape}, value.shape={value.shape}"
+    if query.shape[-1] != key.shape[-1]:
+        raise ValueError(
+            f"query and key must have the same depth (last dim): expected "
+            f"key.shape[-1] == query.shape[-1] == {query.shape[-1]}. Received: {shapes}"
+        )
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(
+            f"key and value must have the same length (second to last dim): expected "
+            f"key.shape[-2] == value.shape[-2] == {value.shape[-2]}. Received: {shapes}"
+        )
+    try:
+        return jnp.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    except ValueError as err:
+        raise ValueError(
+            "query, key and value must have the same (or broadcastable) batch dims "
+            f"[batch..., length, depth]. Received: {shapes}"
+        ) from err
+
+
+def check_mask(
+    name: str, mask: Any, batch_shape: tuple[int, ...], length: int, length_name: str
+) -> jax.Array | None:
+    """Checks a ``[batch..., length]`` mask; returns it as an array (or ``None``).
+
+    The mask's last dim must equal ``length`` exactly (a ``[batch, Tq]`` mask given where a
+    ``[batch, Tv]`` one is due is an error, never a silent broadcast); its leading dims must
+    broadcast to ``batch_shape`` without adding dimensions.
+    """
+    if mask is None:
+        return None
+    try:
+        mask = jnp.asarray(mask)
+    except TypeError as err:
+        raise TypeError(f"{name} must be an array. Received: {name} of type {type(mask)}") from err
+    if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.number)):
+        raise TypeError(f"{name} must be bool, int or float. Received: {name}.dtype={mask.dtype}")
+    expected = (*batch_shape, length)
+    fits = (
+        1 <= mask.ndim <= len(expected)
+        and mask.shape[-1] == length
+        and _broadcasts_to(mask.shape, expected)
+    )
+    if not fits:
+        raise ValueError(
+            f"{name} must have shape [batch..., {length_name}] = {expected} (leading dims may "
+            f"be 1 or left out). Received: {name}.shape={mask.shape}"
+        )
+    return mask
+
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` without changing ``target``."""
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(shape[::-1], target[::-1], strict=False))
+
+
+def unpack_inputs(inputs: Any) -> tuple[Any, Any, Any]:
+    """Splits the module's ``[query, value]`` / ``[query, value, key]`` list."""
+    if not isinstance(inputs, (list, tuple)):
+        raise ValueError(
+            "Attention must be called on a list of inputs, namely [query, value] or "
+            f"[query, value, key]. Received: inputs of type {type(inputs).__name__}"
+        )
+    if len(inputs) not in (2, 3):
+        raise ValueError(
+            "Attention accepts an inputs list of length 2 or 3, namely [query, value] or "
+            f"[query, value, key]. Received length: {len(inputs)}"
+        )
+    query, value = inputs[0], inputs[1]
+    key = inputs[2] if len(inputs) == 3 else None
+    return query, value, key
+
+
+def unpack_mask(mask: Sequence[Any] | None) -> tuple[Any, Any]:
+    """Splits the module's ``[query_mask, value_mask(, ignored)]`` list."""
+    if mask is None:
+        return None, None
+    if not isinstance(mask, (list, tuple)):
+        raise ValueError(
+            "Attention mask must be a list, namely [query_mask, value_mask]. "
+            f"Received: mask of type {type(mask).__name__}"
+        )
+    if len(mask) not in (2, 3):
+        raise ValueError(
+            "Attention accepts a mask list of length 2 or 3, namely [query_mask, value_mask] "
+            f"(a third entry is ignored, as in Keras). Received length: {len(mask)}"
+        )
+    return mask[0], mask[1]
