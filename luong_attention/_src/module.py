@@ -143,7 +143,7 @@ class Attention(nn.Module):
             "seed": self.seed,
         }
         if self.dtype is not None:
-            config["dtype"] = jnp.dtype(self.dtype).name
+            config["dtype"] = _keras_policy_name(self.dtype, self.param_dtype)
         return config
 
     @classmethod
@@ -201,6 +201,15 @@ def from_keras_layer(layer: Any) -> tuple[Attention, dict[str, Any]]:
     """
     module = Attention.from_config(layer.get_config())
     return module, module.variables_from_keras(layer.get_weights())
+
+
+def _keras_policy_name(dtype: Any, param_dtype: Any) -> str:
+    """The Keras dtype policy name for ``(dtype, param_dtype)``: ``"mixed_bfloat16"`` /
+    ``"mixed_float16"`` for half-precision compute with float32 parameters, else the dtype name
+    (Keras cannot express other mixed pairs)."""
+    name = jnp.dtype(dtype).name
+    mixed = name in ("float16", "bfloat16") and jnp.dtype(param_dtype) == jnp.float32
+    return f"mixed_{name}" if mixed else name
 
 
 def _keras_dtype(dtype: Any) -> tuple[Any, Any] | None:
