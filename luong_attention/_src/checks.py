@@ -46,7 +46,9 @@ def as_float_array(name: str, x: Any) -> jax.Array:
     try:
         x = jnp.asarray(x)
     except TypeError as err:
-        raise TypeError(f"{name} must be an array. Received: {name} of type {type(x)}") from err
+        raise TypeError(
+            f"{name} must be a floating-point array. Received: {name} of type {_describe(x)}"
+        ) from err
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(
             f"{name} must have a floating-point dtype. Received: {name}.dtype={x.dtype}"
@@ -99,7 +101,9 @@ def check_mask(
     try:
         mask = jnp.asarray(mask)
     except TypeError as err:
-        raise TypeError(f"{name} must be an array. Received: {name} of type {type(mask)}") from err
+        raise TypeError(
+            f"{name} must be a bool, int or float array. Received: {name} of type {_describe(mask)}"
+        ) from err
     if not (jnp.issubdtype(mask.dtype, jnp.bool_) or jnp.issubdtype(mask.dtype, jnp.number)):
         raise TypeError(f"{name} must be bool, int or float. Received: {name}.dtype={mask.dtype}")
     expected = (*batch_shape, length)
@@ -114,6 +118,12 @@ def check_mask(
             f"be 1 or left out). Received: {name}.shape={mask.shape}"
         )
     return mask
+
+
+def _describe(x: Any) -> str:
+    """The type of ``x``, with its dtype when it has one (e.g. a NumPy array of strings)."""
+    dtype = getattr(x, "dtype", None)
+    return type(x).__name__ + ("" if dtype is None else f" with dtype={dtype}")
 
 
 def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
