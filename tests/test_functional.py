@@ -218,6 +218,15 @@ def test_int_and_float_masks_equal_bool():
         np.testing.assert_array_equal(got[1], expected[1])
 
 
+@pytest.mark.parametrize("precision", [jax.lax.Precision.HIGHEST, "highest", None])
+def test_precision_is_passed_through(precision):
+    query, value, key = random_inputs(15, (2,), 3, 4, 5, 6)
+    out, w = call(query, value, key, value_mask=[True, False, True, True], precision=precision)
+    r_out, r_w = reference_attention(query, value, key, value_mask=[True, False, True, True])
+    np.testing.assert_allclose(out, r_out, atol=1e-5)
+    np.testing.assert_allclose(w, r_w, atol=1e-5)
+
+
 def test_value_depth_sets_output_depth():
     """D2: the output takes value's depth; eval_shape agrees."""
     query, value, key = (jnp.ones((2, 8, 5)), jnp.ones((2, 8, 7)), jnp.ones((2, 8, 5)))
