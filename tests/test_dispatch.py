@@ -28,9 +28,13 @@ def test_rule_dot_counts_batch_and_both_lengths():
     limit = core.AUTO_BLOCKED_DOT_SCORES
     assert select_implementation("dot", *_arrays((), 1024, limit // 1024, 8)) == "blocked"
     assert select_implementation("dot", *_arrays((), 1024, limit // 1024 - 1, 8)) == "xla"
-    # Batch dims multiply: 4 x 2 x 256 x 256 = 2**19 score entries, 4 x 4 x 256 x 256 = 2**20.
-    assert select_implementation("dot", *_arrays((4, 2), 256, 256, 8)) == "xla"
-    assert select_implementation("dot", *_arrays((4, 4), 256, 256, 8)) == "blocked"
+    # Batch dims multiply: the same 256 x 256 problem crosses the limit with a larger batch.
+    per_example = 256 * 256
+    below = (4, limit // per_example // 4 - 1)
+    assert select_implementation("dot", *_arrays(below, 256, 256, 8)) == "xla"
+    assert select_implementation("dot", *_arrays((4, limit // per_example // 4), 256, 256, 8)) == (
+        "blocked"
+    )
 
 
 def test_rule_concat_counts_depth():

@@ -23,7 +23,7 @@ Implementation = Literal["xla", "blocked"]
 # The automatic choice (``implementation=None``), measured with ``luong-attention bench`` on
 # a 2-core x86 CPU (see the README's Performance section): below these sizes the dense XLA
 # path is as fast or faster; above them the blocked path wins on time and memory.
-AUTO_BLOCKED_DOT_SCORES = 1 << 20  # B * Tq * Tv
+AUTO_BLOCKED_DOT_SCORES = 1 << 21  # B * Tq * Tv
 AUTO_BLOCKED_CONCAT_ELEMENTS = 1 << 22  # B * Tq * Tv * depth
 
 

@@ -298,6 +298,11 @@ def _backward(cfg, q, k, v, weight, value_mask, offsets, rng, out, m, denom, d_o
     delta = (d_outb * out).sum(-1) - _to_blocks(d_lse, cfg.block_q)
     inv_denom = 1.0 / denom
 
+    # Key-major tiles [B, bk, bq]: every matmul below is then NN or NT, which XLA:CPU runs
+    # about 3x faster than the TN products (p^T dO, ds^T q) of the query-major layout. For
+    # "dot", dq is accumulated transposed, [n_q, B, depth, bq], from k^T (transposed once).
+    key_t = jnp.swapaxes(kb, -1, -2) if cfg.score_mode == "dot" else None
+
     def kv_block(j, carry):
         dq, dweight = carry
         k_j, v_j = kb[j], vb[j]
@@ -307,29 +312,33 @@ def _backward(cfg, q, k, v, weight, value_mask, offsets, rng, out, m, denom, d_o
             dk_j, dv_j, dq, dweight = inner
             i = jnp.where(t < head, t, q_start[j] + t - head)
             q_i, do_i = qb[i], d_outb[i]
+            if cfg.score_mode == "dot":
+                s_t = _bmm(k_j, q_i, (2, 2))
+            else:
+                tanh = jnp.tanh(k_j[:, :, None, :] + q_i[:, None, :, :])
+                tanh_sum = tanh.sum(-1)
+                s_t = weight * tanh_sum
             bias = _tile_bias(cfg, biases, offsets, i, j)
-            if cfg.score_mode == "dot":
-                s = dot_scores(q_i, k_j)
-            else:
-                tanh = jnp.tanh(q_i[:, :, None, :] + k_j[:, None, :, :])
-                s = weight * tanh.sum(-1)
             if bias is not None:
-                s = s + bias
-            p = jnp.exp(s - m[i][..., None]) * inv_denom[i][..., None]
-            dp = _bmm(do_i, v_j, (2, 2))
-            keep = _tile_keep(cfg, rng, i, j, p.shape)
-            if keep is not None:
-                dp = dp * keep
-            dv_j = dv_j + _bmm(p if keep is None else p * keep, do_i, (1, 1))
-            ds = p * (dp - delta[i][..., None])
-            if cfg.score_mode == "dot":
-                dq_i = _bmm(ds, k_j, (2, 1))
-                dk_j = dk_j + _bmm(ds, q_i, (1, 1))
+                s_t = s_t + jnp.swapaxes(bias, -1, -2)
+            p_t = jnp.exp(s_t - m[i][:, None, :]) * inv_denom[i][:, None, :]
+            dp_t = _bmm(v_j, do_i, (2, 2))
+            keep = _tile_keep(cfg, rng, i, j, (p_t.shape[0], cfg.block_q, cfg.block_kv))
+            if keep is None:
+                dv_j = dv_j + _bmm(p_t, do_i, (2, 1))
             else:
-                dweight = dweight + (ds * tanh.sum(-1)).sum()
-                g = (weight * ds)[..., None] * (1.0 - tanh * tanh)
-                dq_i = g.sum(2)
-                dk_j = dk_j + g.sum(1)
+                keep_t = jnp.swapaxes(keep, -1, -2)
+                dp_t = dp_t * keep_t
+                dv_j = dv_j + _bmm(p_t * keep_t, do_i, (2, 1))
+            ds_t = p_t * (dp_t - delta[i][:, None, :])
+            if cfg.score_mode == "dot":
+                dk_j = dk_j + _bmm(ds_t, q_i, (2, 1))
+                dq_i = _bmm(key_t[j], ds_t, (2, 1))
+            else:
+                dweight = dweight + (ds_t * tanh_sum).sum()
+                g = (weight * ds_t)[..., None] * (1.0 - tanh * tanh)
+                dk_j = dk_j + g.sum(2)
+                dq_i = g.sum(1)
             return dk_j, dv_j, dq.at[i].add(dq_i), dweight
 
         init = (jnp.zeros_like(k_j), jnp.zeros_like(v_j), dq, dweight)
@@ -339,9 +348,12 @@ def _backward(cfg, q, k, v, weight, value_mask, offsets, rng, out, m, denom, d_o
     def scan_step(carry, j):
         return kv_block(j, carry)
 
+    dq = jnp.zeros_like(jnp.swapaxes(qb, -1, -2) if cfg.score_mode == "dot" else qb)
     (dq, dweight), (dk, dv) = jax.lax.scan(
-        scan_step, (jnp.zeros_like(qb), jnp.zeros((), q.dtype)), jnp.arange(n_kv)
+        scan_step, (dq, jnp.zeros((), q.dtype)), jnp.arange(n_kv)
     )
+    if cfg.score_mode == "dot":
+        dq = jnp.swapaxes(dq, -1, -2)
     return (
         _from_blocks(dq, cfg.q_length),
         _from_blocks(dk, cfg.kv_length),
