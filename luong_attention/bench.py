@@ -296,8 +296,8 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.set(xscale="log", yscale="log", xlabel="T = Tq = Tv", title=f"{mode} {kind}")
             ax.set_ylabel(label)
             ax.grid(True, which="both", alpha=0.3)
-        if axes[0][0].get_legend_handles_labels()[0]:
-            axes[0][0].legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"bench_{'time' if metric == 'time_s' else 'memory'}.png"
         fig.savefig(path, dpi=90)
