@@ -275,6 +275,7 @@ def _summary(rows: list[dict[str, Any]], gflops: float) -> dict[str, Any]:
 def _plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     """Time and memory against T (log-log), one panel per (mode, kind)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -294,6 +295,7 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                 if points:
                     ax.plot(*zip(*points, strict=True), marker="o", label=impl)
             ax.set(xscale="log", yscale="log", xlabel="T = Tq = Tv", title=f"{mode} {kind}")
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_ylabel(label)
             ax.grid(True, which="both", alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
