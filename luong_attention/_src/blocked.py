@@ -171,7 +171,9 @@ def _tile_bias(
     return jnp.where((cols[None, :] <= rows[:, None])[None], allowed, masked)
 
 
-def _tile_keep(cfg: _Config, rng: jax.Array | None, i: jax.Array, j: jax.Array, shape):
+def _tile_keep(
+    cfg: _Config, rng: jax.Array | None, i: jax.Array, j: jax.Array, shape: tuple[int, ...]
+) -> jax.Array | None:
     """Dropout multiplier of tile ``(i, j)``: ``keep / (1 - rate)``, or ``None``."""
     if cfg.dropout_rate == 0.0:
         return None
@@ -232,7 +234,16 @@ def _schedule(
     return kv_stop, q_start, n_full.astype(jnp.int32)
 
 
-def _forward(cfg, q, k, v, weight, value_mask, offsets, rng):
+def _forward(
+    cfg: _Config,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    weight: jax.Array,
+    value_mask: jax.Array | None,
+    offsets: tuple[jax.Array, jax.Array],
+    rng: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Blocked forward on ``[B, T, ...]`` arrays; returns block-major ``(out, m, denom)``.
 
     ``out`` is ``[n_q, B, bq, dim_v]`` (normalised); the row max ``m`` and denominator ``denom``
@@ -277,7 +288,21 @@ def _forward(cfg, q, k, v, weight, value_mask, offsets, rng):
     return jax.lax.map(q_block, (jnp.arange(n_q), qb))
 
 
-def _backward(cfg, q, k, v, weight, value_mask, offsets, rng, out, m, denom, d_out, d_lse):
+def _backward(
+    cfg: _Config,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    weight: jax.Array,
+    value_mask: jax.Array | None,
+    offsets: tuple[jax.Array, jax.Array],
+    rng: jax.Array | None,
+    out: jax.Array,
+    m: jax.Array,
+    denom: jax.Array,
+    d_out: jax.Array,
+    d_lse: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Gradients ``(dq, dk, dv, dweight)`` of the blocked forward (FlashAttention-2 order).
 
     The outer loop walks key blocks and accumulates their ``dk``/``dv``; the inner loop walks
@@ -363,20 +388,40 @@ def _backward(cfg, q, k, v, weight, value_mask, offsets, rng, out, m, denom, d_o
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg, q, k, v, weight, value_mask, offsets, rng):
+def _flash(
+    cfg: _Config,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    weight: jax.Array,
+    value_mask: jax.Array | None,
+    offsets: tuple[jax.Array, jax.Array],
+    rng: jax.Array | None,
+) -> tuple[jax.Array, jax.Array]:
     """``(out [B, Tq, dim_v], lse [B, Tq])`` of the blocked attention (see module doc)."""
     out, m, denom = _forward(cfg, q, k, v, weight, value_mask, offsets, rng)
     return _from_blocks(out, cfg.q_length), _from_blocks(m + jnp.log(denom), cfg.q_length)
 
 
-def _flash_fwd(cfg, q, k, v, weight, value_mask, offsets, rng):
+def _flash_fwd(
+    cfg: _Config,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    weight: jax.Array,
+    value_mask: jax.Array | None,
+    offsets: tuple[jax.Array, jax.Array],
+    rng: jax.Array | None,
+) -> tuple[tuple[jax.Array, jax.Array], tuple]:
+    """Forward rule: the outputs, and the residuals the backward recomputes tiles from."""
     out, m, denom = _forward(cfg, q, k, v, weight, value_mask, offsets, rng)
     residuals = (q, k, v, weight, value_mask, offsets, rng, out, m, denom)
     lse = _from_blocks(m + jnp.log(denom), cfg.q_length)
     return (_from_blocks(out, cfg.q_length), lse), residuals
 
 
-def _flash_bwd(cfg, residuals, cotangents):
+def _flash_bwd(cfg: _Config, residuals: tuple, cotangents: tuple[jax.Array, jax.Array]) -> tuple:
+    """Backward rule: cotangents of q, k, v, weight; none for masks, offsets and rng."""
     q, k, v, weight, value_mask, offsets, rng, out, m, denom = residuals
     d_out, d_lse = cotangents
     dq, dk, dv, dweight = _backward(
