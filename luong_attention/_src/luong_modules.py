@@ -132,7 +132,7 @@ class LuongAttention(nn.Module):
           for one step, ``[batch..., q_length, memory_depth]`` and ``[batch..., q_length,
           kv_length]`` for a sequence.
         """
-        query = checks.as_float_array("query", query) if jnp.ndim(query) >= 2 else query
+        query = jnp.asarray(query)
         memory = checks.as_float_array("memory", memory)
         single = _is_single_step(query, memory)
         if single:
