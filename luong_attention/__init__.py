@@ -17,6 +17,33 @@ from luong_attention._src.masks import (
 from luong_attention._src.module import Attention, from_keras_layer
 from luong_attention._src.scores import concat_scores, dot_scores, stats_dtype
 
+# -- Luong et al. (2015) in full: scores, local attention, decoder cell, decoding (issue 5) --
+# isort: split
+from luong_attention._src.luong import (
+    LUONG_MODES,
+    LUONG_SCORES,
+    attentional_hidden_state,
+    check_luong_config,
+    gaussian_weights,
+    general_scores,
+    length_mask,
+    location_scores,
+    luong_attend,
+    luong_concat_scores,
+    luong_scores,
+    monotonic_positions,
+    predictive_positions,
+    source_lengths_of,
+    window_mask,
+)
+from luong_attention._src.luong_modules import (
+    AttentionalDecoderCell,
+    DecoderState,
+    LuongAttention,
+    init_decoder_state,
+    luong_param_shapes,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -35,4 +62,27 @@ __all__ = [
     "mask_scores",
     "score_mask",
     "stats_dtype",
+]
+
+__all__ += [
+    "LUONG_MODES",
+    "LUONG_SCORES",
+    "AttentionalDecoderCell",
+    "DecoderState",
+    "LuongAttention",
+    "attentional_hidden_state",
+    "check_luong_config",
+    "gaussian_weights",
+    "general_scores",
+    "init_decoder_state",
+    "length_mask",
+    "location_scores",
+    "luong_attend",
+    "luong_concat_scores",
+    "luong_param_shapes",
+    "luong_scores",
+    "monotonic_positions",
+    "predictive_positions",
+    "source_lengths_of",
+    "window_mask",
 ]
