@@ -51,7 +51,6 @@ _WEEKDAYS = {
 _WEEKDAYS_ABBR = {
     "en": "Mon Tue Wed Thu Fri Sat Sun",
     "fr": "lun. mar. mer. jeu. ven. sam. dim.",
-    "de": "Mo. Di. Mi. Do. Fr. Sa. So.",
     "es": "lun. mar. mié. jue. vie. sáb. dom.",
 }
 

@@ -8,8 +8,8 @@ The encoder is a bidirectional LSTM (``flax.linen.RNN`` with ``seq_lengths``, so
 direction starts at each example's last character). The decoder is an LSTM with input feeding:
 at every step it reads the previous output character together with the previous attentional
 state ``h~ = tanh(W_c [context; h])``, attends over the encoder states with the "general" score
-``h^T W_a s`` (:class:`luong_attention.Attention` over keys ``W_a s``), padding masked, and
-predicts the next character from ``h~``. The step runs under ``nn.scan``, both with teacher
+``h^T W_a s``, padding masked (:class:`luong_attention.AttentionalDecoderCell` with
+:class:`luong_attention.LuongAttention`), and predicts the next character from ``h~``. The step runs under ``nn.scan``, both with teacher
 forcing (training) and greedily (decoding).
 
 References:
@@ -20,18 +20,26 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import serialization
 
-from luong_attention._src.module import Attention
+from luong_attention._src.luong_modules import (
+    AttentionalDecoderCell,
+    DecoderState,
+    LuongAttention,
+    init_decoder_state,
+)
 from luong_attention.dates import BOS, TARGET_CHARS, TARGET_LENGTH
 
-# (LSTM carry, attentional state h~ [B, D], previous output token [B])
-DecoderCarry = tuple[tuple[jax.Array, jax.Array], jax.Array, jax.Array]
+# (the decoder cell's state, the previous prediction [B])
+DecoderCarry = tuple[DecoderState, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,56 +80,46 @@ class Encoder(nn.Module):
 
 
 class DecoderStep(nn.Module):
-    """One decoder step with input feeding; scanned over time by :class:`Decoder`."""
+    """One decoder step: embed a character, :class:`AttentionalDecoderCell`, predict.
+
+    Scanned over time by :class:`Decoder`.
+    """
 
     config: ModelConfig
     greedy: bool = False
 
     @nn.compact
     def __call__(
-        self,
-        carry: DecoderCarry,
-        token: jax.Array | None,
-        keys: jax.Array,
-        memory: jax.Array,
-        memory_mask: jax.Array,
+        self, carry: DecoderCarry, token: jax.Array | None
     ) -> tuple[DecoderCarry, tuple[jax.Array, jax.Array]]:
         """Advances one step.
 
         Args:
-          carry: ``((c, h) [B, D] each, h~ [B, D], previous token [B])``.
+          carry: ``(DecoderState, previous prediction [B])``.
           token: ``[B]`` input token (teacher forcing), or ``None`` when greedy (the previous
             prediction in ``carry`` is fed back).
-          keys: ``[B, S, D]`` attention keys ``W_a s``; memory: ``[B, S, 2H]`` encoder states;
-          memory_mask: ``[B, S]`` bool, True at real characters.
 
         Returns:
-          ``(carry, (logits [B, V], weights [B, S]))``.
+          ``(carry, (logits [B, V], alignment [B, S]))``.
         """
         cfg = self.config
-        lstm_carry, attentional, previous = carry
+        state, previous = carry
         token = previous if self.greedy else token
         embedded = nn.Embed(cfg.target_vocab, cfg.embed, name="target_embed")(token)
-        lstm_carry, h = nn.OptimizedLSTMCell(cfg.decoder_features, name="lstm")(
-            lstm_carry, jnp.concatenate([embedded, attentional], axis=-1)
+        cell = AttentionalDecoderCell(
+            nn.OptimizedLSTMCell(cfg.decoder_features),
+            LuongAttention(score="general"),
+            return_alignment=True,
+            name="cell",
         )
-        context, weights = Attention(name="attention")(
-            [h[:, None, :], memory, keys],
-            mask=[None, memory_mask],
-            return_attention_scores=True,
-        )
-        attentional = jnp.tanh(
-            nn.Dense(cfg.decoder_features, use_bias=False, name="combine")(
-                jnp.concatenate([context[:, 0], h], axis=-1)
-            )
-        )
-        logits = nn.Dense(cfg.target_vocab, name="output")(attentional)
+        state, (h_tilde, alignment) = cell(state, embedded)
+        logits = nn.Dense(cfg.target_vocab, name="output")(h_tilde)
         prediction = jnp.argmax(logits, axis=-1).astype(previous.dtype)
-        return (lstm_carry, attentional, prediction), (logits, weights[:, 0])
+        return (state, prediction), (logits, alignment)
 
 
 class Decoder(nn.Module):
-    """Runs :class:`DecoderStep` over the target positions with ``nn.scan``."""
+    """Runs :class:`DecoderStep` over the ``T`` target positions with ``nn.scan``."""
 
     config: ModelConfig
 
@@ -137,25 +135,25 @@ class Decoder(nn.Module):
             or ``None`` for greedy decoding.
 
         Returns:
-          ``(logits [B, T, V], weights [B, T, S])``.
+          ``(logits [B, T, V], alignment [B, T, S])``.
         """
         cfg = self.config
         batch = memory.shape[0]
-        keys = nn.Dense(cfg.decoder_features, use_bias=False, name="score_weight")(memory)
         zeros = jnp.zeros((batch, cfg.decoder_features), memory.dtype)
-        carry = ((zeros, zeros), zeros, jnp.full((batch,), BOS, jnp.int32))
+        state = init_decoder_state((zeros, zeros), cfg.decoder_features, memory, memory_mask)
         scan = nn.scan(
             DecoderStep,
             variable_broadcast="params",
             split_rngs={"params": False},
-            in_axes=(1, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=1,
             out_axes=1,
             length=TARGET_LENGTH,
             unroll=cfg.unroll,
         )
         step = scan(cfg, greedy=inputs is None, name="step")
-        _, (logits, weights) = step(carry, inputs, keys, memory, memory_mask)
-        return logits, weights
+        bos = jnp.full((batch,), BOS, jnp.int32)
+        _, (logits, alignment) = step((state, bos), inputs)
+        return logits, alignment
 
 
 class DateTranslator(nn.Module):
@@ -247,3 +245,46 @@ def make_greedy_decoder(config: ModelConfig):
         return jnp.argmax(logits, axis=-1), weights
 
     return decode
+
+
+# -- Checkpoints and inference ------------------------------------------------------------
+
+CHECKPOINT_FILE = "checkpoint.msgpack"
+CONFIG_FILE = "config.json"
+
+
+def save_checkpoint(
+    directory: Path, params: Any, config: ModelConfig, alphabet: str, **metadata: Any
+) -> tuple[Path, Path]:
+    """Writes the parameters (flax msgpack) and a JSON of the config, alphabet and metadata.
+
+    Returns:
+      ``(checkpoint path, config path)``.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    checkpoint = directory / CHECKPOINT_FILE
+    checkpoint.write_bytes(serialization.to_bytes(params))
+    meta = directory / CONFIG_FILE
+    payload = {"model": dataclasses.asdict(config), "alphabet": alphabet, **metadata}
+    meta.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return checkpoint, meta
+
+
+def load_checkpoint(directory: Path) -> tuple[Any, ModelConfig, str]:
+    """Reads what :func:`save_checkpoint` wrote: ``(params, config, alphabet)``.
+
+    Raises:
+      FileNotFoundError: naming the missing file and how to make it.
+    """
+    checkpoint, meta = directory / CHECKPOINT_FILE, directory / CONFIG_FILE
+    for path in (checkpoint, meta):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: train a model first with `luong-attention demo --out "
+                f"{directory}`."
+            )
+    payload = json.loads(meta.read_text(encoding="utf-8"))
+    config = ModelConfig(**payload["model"])
+    template = init_params(config, source_length=1, seed=0)
+    params = serialization.from_bytes(template, checkpoint.read_bytes())
+    return params, config, payload["alphabet"]
