@@ -265,8 +265,7 @@ def _formats() -> tuple[DateFormat, ...]:
         ("numeric:dd/mm/yyyy", lambda d: f"{d.day:02d}/{d.month:02d}/{d.year}", False),
     ]
     return tuple(
-        DateFormat(name, name.split(":")[0], render, short)
-        for name, render, short in table
+        DateFormat(name, name.split(":")[0], render, short) for name, render, short in table
     )
 
 
@@ -292,9 +291,7 @@ def all_dates() -> list[dt.date]:
     return [FIRST_DATE + dt.timedelta(days=i) for i in range(days)]
 
 
-def split_dates(
-    num_test_dates: int, seed: int
-) -> tuple[list[dt.date], list[dt.date]]:
+def split_dates(num_test_dates: int, seed: int) -> tuple[list[dt.date], list[dt.date]]:
     """Splits all dates into disjoint ``(train_dates, test_dates)`` with a fixed seed.
 
     A date in the test split is never written, in any format, into the training data.

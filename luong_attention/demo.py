@@ -36,11 +36,9 @@ HEATMAP_FORMATS = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Registers the demo's flags."""
-    parser.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
+    parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per step")
-    parser.add_argument(
-        "--learning-rate", type=float, default=3e-3, help="peak Adam learning rate"
-    )
+    parser.add_argument("--learning-rate", type=float, default=3e-3, help="peak Adam learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the model")
     parser.add_argument(
         "--out", type=Path, default=Path("luong_attention_out"), help="output folder"
@@ -62,9 +60,7 @@ def run(args: argparse.Namespace) -> None:
     train_dates, test_dates = dates.split_dates(NUM_TEST_DATES, args.seed)
     alphabet = dates.source_alphabet()
     train = dates.sample_examples(train_dates, steps * args.batch_size, rng)
-    test = dates.sample_examples(
-        test_dates, per_format * len(dates.FORMATS), rng, balanced=True
-    )
+    test = dates.sample_examples(test_dates, per_format * len(dates.FORMATS), rng, balanced=True)
     print(
         f"{len(dates.FORMATS)} formats in {len(dates.LANGUAGES) - 1} languages + numeric; "
         f"{len(train_dates)} training dates, {len(test_dates)} held-out test dates "
@@ -92,7 +88,7 @@ def run(args: argparse.Namespace) -> None:
     _save_heatmap(heatmap, test, predictions, weights)
     print(f"checkpoint: {checkpoint} (config and alphabet: {meta})")
     print(f"attention heatmap: {heatmap}")
-    print(f"try: luong-attention translate \"Mittwoch, 25. Nov. 26\" --checkpoint {args.out}")
+    print(f'try: luong-attention translate "Mittwoch, 25. Nov. 26" --checkpoint {args.out}')
     print(
         f"exact match on held-out dates: {correct.mean():.2%}; "
         f"wall time {time.perf_counter() - _START:.1f} s (jax {jax.__version__}, "
@@ -158,9 +154,10 @@ def _print_accuracy(test: Sequence[dates.Example], correct: np.ndarray) -> None:
     for example, ok in zip(test, correct, strict=True):
         by_language[example.format_name.split(":")[0]].append(bool(ok))
         by_format[example.format_name].append(bool(ok))
-    print("exact match per language: " + ", ".join(
-        f"{lang} {np.mean(by_language[lang]):.1%}" for lang in dates.LANGUAGES
-    ))
+    print(
+        "exact match per language: "
+        + ", ".join(f"{lang} {np.mean(by_language[lang]):.1%}" for lang in dates.LANGUAGES)
+    )
     print("exact match per format:")
     for fmt in dates.FORMATS:
         hits = by_format[fmt.name]
@@ -188,7 +185,7 @@ def _save_heatmap(
         plot_attention(
             weights[i, :, : len(text)],
             list(predictions[i]),
-            list(text),
+            ["␣" if c == " " else c for c in text],
             title=f"{test[i].format_name}: {text!r}",
             ax=ax,
         )
