@@ -36,9 +36,9 @@ HEATMAP_FORMATS = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Registers the demo's flags."""
-    parser.add_argument("--steps", type=int, default=1500, help="training steps (default 1500)")
+    parser.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
     parser.add_argument("--batch-size", type=int, default=64, help="examples per step")
-    parser.add_argument("--learning-rate", type=float, default=3e-3, help="peak Adam learning rate")
+    parser.add_argument("--learning-rate", type=float, default=5e-3, help="peak Adam learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the model")
     parser.add_argument(
         "--out", type=Path, default=Path("luong_attention_out"), help="output folder"

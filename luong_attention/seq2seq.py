@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 from flax import serialization
 
-from luong_attention._src.luong_modules import (
+from luong_attention import (
     AttentionalDecoderCell,
     DecoderState,
     LuongAttention,
@@ -48,10 +48,9 @@ class ModelConfig:
 
     source_vocab: int
     embed: int = 32
-    encoder_features: int = 64
-    decoder_features: int = 128
+    encoder_features: int = 32
+    decoder_features: int = 64
     target_vocab: int = len(TARGET_CHARS) + 1  # the target characters and BOS
-    unroll: int = 1  # time steps per loop iteration of the scans (speed only)
 
 
 class Encoder(nn.Module):
@@ -73,8 +72,8 @@ class Encoder(nn.Module):
         cfg = self.config
         x = nn.Embed(cfg.source_vocab, cfg.embed)(source)
         bi = nn.Bidirectional(
-            nn.RNN(nn.OptimizedLSTMCell(cfg.encoder_features), unroll=cfg.unroll),
-            nn.RNN(nn.OptimizedLSTMCell(cfg.encoder_features), unroll=cfg.unroll),
+            nn.RNN(nn.OptimizedLSTMCell(cfg.encoder_features)),
+            nn.RNN(nn.OptimizedLSTMCell(cfg.encoder_features)),
         )
         return bi(x, seq_lengths=lengths)
 
@@ -148,7 +147,6 @@ class Decoder(nn.Module):
             in_axes=1,
             out_axes=1,
             length=TARGET_LENGTH,
-            unroll=cfg.unroll,
         )
         step = scan(cfg, greedy=inputs is None, name="step")
         bos = jnp.full((batch,), BOS, jnp.int32)
