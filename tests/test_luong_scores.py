@@ -124,6 +124,7 @@ def test_local_attention_matches_numpy_loop(score, mode, window):
 def test_general_global_equals_keras_attention_on_projected_keys():
     """Pitfall E1: "general" is Keras ``Attention()([h_t, h_s, h_s @ W_a])``."""
     import keras  # dev dependency: a missing keras fails, it does not skip
+
     w_a = PARAMS["general"]["w_a"]
     layer = keras.layers.Attention()
     out, weights = layer([Q, M, M @ w_a], mask=[None, MASK], return_attention_scores=True)
