@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from luong_test_utils import random_variables
 
 import luong_attention as la
 
@@ -132,7 +133,7 @@ def decoder():
     )
     carry = cell.initialize_carry(jax.random.key(0), (B, E), memory, mask)
     rnn = nn.RNN(cell)
-    variables = jax.jit(rnn.init)(keys[3], jnp.zeros((B, T, E)), initial_carry=carry)
+    variables = random_variables(rnn.init, keys[3], jnp.zeros((B, T, E)), initial_carry=carry)
     cell_vars = {"params": variables["params"]["cell"]}
 
     def step_fn(carry, tokens):

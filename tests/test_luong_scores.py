@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from luong_test_utils import random_variables
 
 import luong_attention as la
 
@@ -237,7 +238,7 @@ def test_attentional_hidden_state():
 def test_module_params_and_equivalence_to_the_pure_function(config, shapes):
     attn = la.LuongAttention(**config)
     m = M_DOT if config["score"] == "dot" else M
-    variables = attn.init(jax.random.key(0), Q, m, MASK)
+    variables = random_variables(attn.init, jax.random.key(0), Q, m, MASK)
     params = variables["params"]
     assert jax.tree.map(jnp.shape, dict(params)) == shapes
     got = attn.apply(variables, Q, m, MASK)
@@ -245,6 +246,13 @@ def test_module_params_and_equivalence_to_the_pure_function(config, shapes):
     expected = la.luong_attend(Q, m, MASK, **kw, **params)
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-7)
+
+
+def test_module_initial_values():
+    attn = la.LuongAttention(score="general", use_scale=True)
+    params = attn.init(jax.random.key(0), Q, M)["params"]
+    assert float(params["scale"]) == 1.0
+    assert 0.1 < float(jnp.std(params["w_a"])) < 1.0  # lecun_normal: std ~ 1/sqrt(DM)
 
 
 @pytest.mark.parametrize(
@@ -257,7 +265,7 @@ def test_module_params_and_equivalence_to_the_pure_function(config, shapes):
 )
 def test_module_single_step_equals_sequence(config):
     attn = la.LuongAttention(**config)
-    variables = attn.init(jax.random.key(0), Q, M, MASK)
+    variables = random_variables(attn.init, jax.random.key(0), Q, M, MASK)
     context, alignment = attn.apply(variables, Q, M, MASK)
     for t in range(TQ):
         c_t, a_t = attn.apply(variables, Q[:, t], M, MASK, positions=jnp.full((B,), t))
@@ -291,15 +299,16 @@ def test_bad_configuration_raises_at_construction(config, message):
 def test_bad_inputs_raise():
     attn = la.LuongAttention(score="location", max_length=TV - 1)
     with pytest.raises(ValueError, match="at most max_length=6 source positions"):
-        attn.init(jax.random.key(0), Q, M)
+        jax.eval_shape(attn.init, jax.random.key(0), Q, M)
     with pytest.raises(ValueError, match="score='dot' needs query and memory of the same depth"):
-        la.LuongAttention(score="dot").init(jax.random.key(0), Q, M)
+        jax.eval_shape(la.LuongAttention(score="dot").init, jax.random.key(0), Q, M)
     with pytest.raises(ValueError, match="query must be"):
-        la.LuongAttention().init(jax.random.key(0), Q[None, None], M)
+        jax.eval_shape(la.LuongAttention().init, jax.random.key(0), Q[None, None], M)
     with pytest.raises(ValueError, match=r"memory_mask must have shape \[batch..., Tv\]"):
-        la.LuongAttention().init(jax.random.key(0), Q, M, MASK[:, :TQ])
+        jax.eval_shape(la.LuongAttention().init, jax.random.key(0), Q, M, MASK[:, :TQ])
     with pytest.raises(ValueError, match="needs its decoder step"):
-        la.LuongAttention(mode="local-m", window=1).init(jax.random.key(0), Q[:, 0], M)
+        local_m = la.LuongAttention(mode="local-m", window=1)
+        jax.eval_shape(local_m.init, jax.random.key(0), Q[:, 0], M)
     with pytest.raises(ValueError, match=r"needs w_a of shape \(5, 4\)"):
         la.luong_attend(Q, M, score="general")
     with pytest.raises(ValueError, match=r"needs v_a of shape \(6,\)"):
