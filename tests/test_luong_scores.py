@@ -184,6 +184,23 @@ def test_source_lengths_equal_the_boolean_mask():
             np.testing.assert_allclose(a, b, atol=1e-7)
 
 
+@pytest.mark.parametrize(("mode", "window"), [("local-m", 1), ("local-p", 2)])
+def test_fully_masked_example_stays_finite(mode, window):
+    mask = MASK.copy()
+    mask[1] = False
+    kw = dict(score="general", mode=mode, window=window, **PARAMS["general"], **LOCAL_P)
+    if mode == "local-m":
+        kw = {k: v for k, v in kw.items() if k not in LOCAL_P}
+
+    def loss(q, m):
+        context, alignment = la.luong_attend(q, m, mask, **kw)
+        return jnp.sum(context**2) + jnp.sum(alignment)
+
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1))(jnp.asarray(Q), jnp.asarray(M))
+    assert np.isfinite(float(value))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+
+
 def test_padding_garbage_does_not_leak():
     noisy = np.where(MASK[..., None], M, 1e4).astype(np.float32)
     kw = dict(score="concat", mode="local-p", window=2, **PARAMS["concat"], **LOCAL_P)
@@ -297,6 +314,8 @@ def test_bad_configuration_raises_at_construction(config, message):
 
 
 def test_bad_inputs_raise():
+    general = PARAMS["general"]
+    w_a = general["w_a"]
     attn = la.LuongAttention(score="location", max_length=TV - 1)
     with pytest.raises(ValueError, match="at most max_length=6 source positions"):
         jax.eval_shape(attn.init, jax.random.key(0), Q, M)
@@ -315,5 +334,9 @@ def test_bad_inputs_raise():
         la.luong_attend(Q, M, score="concat", w_a=PARAMS["concat"]["w_a"], v_a=np.ones(3))
     with pytest.raises(ValueError, match="needs w_p"):
         la.luong_attend(Q, M, score="general", mode="local-p", window=1, **PARAMS["general"])
+    with pytest.raises(ValueError, match=r"source_lengths must be integers of shape \[batch...\]"):
+        la.luong_attend(Q, M, source_lengths=np.array([1, 2, 3]), score="general", w_a=w_a)
+    with pytest.raises(ValueError, match=r"positions must be integers of shape \[batch..., Tq\]"):
+        la.luong_attend(Q, M, mode="local-m", window=1, positions=np.arange(5), **general)
     with pytest.raises(TypeError, match="floating-point"):
         la.luong_attend(Q.astype(np.int32), M, score="general", **PARAMS["general"])

@@ -203,12 +203,12 @@ def attend_query(
             "sequence), with the batch dims of memory [batch..., Tv, depth_m]. Received: "
             f"query.shape={query.shape}, memory.shape={memory.shape}"
         )
-    if kwargs.get("mode") == "local-m":
-        if positions is None:
-            raise ValueError(
-                "mode='local-m' with a single query [batch..., depth] needs its decoder "
-                "step: pass positions=t (int or int [batch...])."
-            )
+    if kwargs.get("mode") == "local-m" and positions is None:
+        raise ValueError(
+            "mode='local-m' with a single query [batch..., depth] needs its decoder step: "
+            "pass positions=t (int or int [batch...])."
+        )
+    if positions is not None:
         positions = jnp.asarray(positions)[..., None]
     context, alignment = luong_attend(
         query[..., None, :], memory, memory_mask, positions=positions, **kwargs
