@@ -19,6 +19,15 @@ from luong_attention._src.scores import concat_scores, dot_scores, stats_dtype
 
 # -- Luong et al. (2015) in full: scores, local attention, decoder cell, decoding (issue 5) --
 # isort: split
+from luong_attention._src.decoding import (
+    BeamOutput,
+    GreedyOutput,
+    beam_search,
+    greedy_decode,
+    normalised_scores,
+    teacher_forced_logits,
+    tile_beams,
+)
 from luong_attention._src.luong import (
     LUONG_MODES,
     LUONG_SCORES,
@@ -68,12 +77,16 @@ __all__ += [
     "LUONG_MODES",
     "LUONG_SCORES",
     "AttentionalDecoderCell",
+    "BeamOutput",
     "DecoderState",
+    "GreedyOutput",
     "LuongAttention",
     "attentional_hidden_state",
+    "beam_search",
     "check_luong_config",
     "gaussian_weights",
     "general_scores",
+    "greedy_decode",
     "init_decoder_state",
     "length_mask",
     "location_scores",
@@ -82,7 +95,10 @@ __all__ += [
     "luong_param_shapes",
     "luong_scores",
     "monotonic_positions",
+    "normalised_scores",
     "predictive_positions",
     "source_lengths_of",
+    "teacher_forced_logits",
+    "tile_beams",
     "window_mask",
 ]

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from luong_test_utils import random_variables
 
 import luong_attention as la
 
@@ -124,6 +125,7 @@ def test_local_attention_matches_numpy_loop(score, mode, window):
 def test_general_global_equals_keras_attention_on_projected_keys():
     """Pitfall E1: "general" is Keras ``Attention()([h_t, h_s, h_s @ W_a])``."""
     import keras  # dev dependency: a missing keras fails, it does not skip
+
     w_a = PARAMS["general"]["w_a"]
     layer = keras.layers.Attention()
     out, weights = layer([Q, M, M @ w_a], mask=[None, MASK], return_attention_scores=True)
@@ -182,6 +184,23 @@ def test_source_lengths_equal_the_boolean_mask():
             np.testing.assert_allclose(a, b, atol=1e-7)
 
 
+@pytest.mark.parametrize(("mode", "window"), [("local-m", 1), ("local-p", 2)])
+def test_fully_masked_example_stays_finite(mode, window):
+    mask = MASK.copy()
+    mask[1] = False
+    kw = dict(score="general", mode=mode, window=window, **PARAMS["general"], **LOCAL_P)
+    if mode == "local-m":
+        kw = {k: v for k, v in kw.items() if k not in LOCAL_P}
+
+    def loss(q, m):
+        context, alignment = la.luong_attend(q, m, mask, **kw)
+        return jnp.sum(context**2) + jnp.sum(alignment)
+
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1))(jnp.asarray(Q), jnp.asarray(M))
+    assert np.isfinite(float(value))
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+
+
 def test_padding_garbage_does_not_leak():
     noisy = np.where(MASK[..., None], M, 1e4).astype(np.float32)
     kw = dict(score="concat", mode="local-p", window=2, **PARAMS["concat"], **LOCAL_P)
@@ -236,7 +255,7 @@ def test_attentional_hidden_state():
 def test_module_params_and_equivalence_to_the_pure_function(config, shapes):
     attn = la.LuongAttention(**config)
     m = M_DOT if config["score"] == "dot" else M
-    variables = attn.init(jax.random.key(0), Q, m, MASK)
+    variables = random_variables(attn.init, jax.random.key(0), Q, m, MASK)
     params = variables["params"]
     assert jax.tree.map(jnp.shape, dict(params)) == shapes
     got = attn.apply(variables, Q, m, MASK)
@@ -244,6 +263,13 @@ def test_module_params_and_equivalence_to_the_pure_function(config, shapes):
     expected = la.luong_attend(Q, m, MASK, **kw, **params)
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-7)
+
+
+def test_module_initial_values():
+    attn = la.LuongAttention(score="general", use_scale=True)
+    params = attn.init(jax.random.key(0), Q, M)["params"]
+    assert float(params["scale"]) == 1.0
+    assert 0.1 < float(jnp.std(params["w_a"])) < 1.0  # lecun_normal: std ~ 1/sqrt(DM)
 
 
 @pytest.mark.parametrize(
@@ -256,7 +282,7 @@ def test_module_params_and_equivalence_to_the_pure_function(config, shapes):
 )
 def test_module_single_step_equals_sequence(config):
     attn = la.LuongAttention(**config)
-    variables = attn.init(jax.random.key(0), Q, M, MASK)
+    variables = random_variables(attn.init, jax.random.key(0), Q, M, MASK)
     context, alignment = attn.apply(variables, Q, M, MASK)
     for t in range(TQ):
         c_t, a_t = attn.apply(variables, Q[:, t], M, MASK, positions=jnp.full((B,), t))
@@ -288,22 +314,29 @@ def test_bad_configuration_raises_at_construction(config, message):
 
 
 def test_bad_inputs_raise():
+    general = PARAMS["general"]
+    w_a = general["w_a"]
     attn = la.LuongAttention(score="location", max_length=TV - 1)
     with pytest.raises(ValueError, match="at most max_length=6 source positions"):
-        attn.init(jax.random.key(0), Q, M)
+        jax.eval_shape(attn.init, jax.random.key(0), Q, M)
     with pytest.raises(ValueError, match="score='dot' needs query and memory of the same depth"):
-        la.LuongAttention(score="dot").init(jax.random.key(0), Q, M)
+        jax.eval_shape(la.LuongAttention(score="dot").init, jax.random.key(0), Q, M)
     with pytest.raises(ValueError, match="query must be"):
-        la.LuongAttention().init(jax.random.key(0), Q[None, None], M)
+        jax.eval_shape(la.LuongAttention().init, jax.random.key(0), Q[None, None], M)
     with pytest.raises(ValueError, match=r"memory_mask must have shape \[batch..., Tv\]"):
-        la.LuongAttention().init(jax.random.key(0), Q, M, MASK[:, :TQ])
+        jax.eval_shape(la.LuongAttention().init, jax.random.key(0), Q, M, MASK[:, :TQ])
     with pytest.raises(ValueError, match="needs its decoder step"):
-        la.LuongAttention(mode="local-m", window=1).init(jax.random.key(0), Q[:, 0], M)
+        local_m = la.LuongAttention(mode="local-m", window=1)
+        jax.eval_shape(local_m.init, jax.random.key(0), Q[:, 0], M)
     with pytest.raises(ValueError, match=r"needs w_a of shape \(5, 4\)"):
         la.luong_attend(Q, M, score="general")
     with pytest.raises(ValueError, match=r"needs v_a of shape \(6,\)"):
         la.luong_attend(Q, M, score="concat", w_a=PARAMS["concat"]["w_a"], v_a=np.ones(3))
     with pytest.raises(ValueError, match="needs w_p"):
         la.luong_attend(Q, M, score="general", mode="local-p", window=1, **PARAMS["general"])
+    with pytest.raises(ValueError, match=r"source_lengths must be integers of shape \[batch...\]"):
+        la.luong_attend(Q, M, source_lengths=np.array([1, 2, 3]), score="general", w_a=w_a)
+    with pytest.raises(ValueError, match=r"positions must be integers of shape \[batch..., Tq\]"):
+        la.luong_attend(Q, M, mode="local-m", window=1, positions=np.arange(5), **general)
     with pytest.raises(TypeError, match="floating-point"):
         la.luong_attend(Q.astype(np.int32), M, score="general", **PARAMS["general"])

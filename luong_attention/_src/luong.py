@@ -130,6 +130,22 @@ def _check_query_memory(query: jax.Array, memory: jax.Array) -> tuple[int, ...]:
         ) from err
 
 
+def _check_broadcasts(
+    name: str, x: ArrayLike | None, target: tuple[int, ...], pattern: str
+) -> None:
+    """Raises unless ``x`` (if given) is an integer array broadcasting to ``target``."""
+    if x is None:
+        return
+    shape, dtype = jnp.shape(x), jnp.result_type(x)
+    fits = jnp.issubdtype(dtype, jnp.integer) and len(shape) <= len(target)
+    fits = fits and all(s in (1, t) for s, t in zip(shape[::-1], target[::-1], strict=False))
+    if not fits:
+        raise ValueError(
+            f"{name} must be integers of shape {pattern} = {target} (dims may be 1 or left "
+            f"out). Received: {name} of shape {shape} and dtype {dtype}"
+        )
+
+
 # -- scores --------------------------------------------------------------------------------
 
 
@@ -412,6 +428,8 @@ def luong_attend(
     batch_shape = _check_query_memory(query, memory)
     q_length, kv_length = query.shape[-2], memory.shape[-2]
     mask = as_bool_mask(checks.check_mask("memory_mask", memory_mask, batch_shape, kv_length, "Tv"))
+    _check_broadcasts("source_lengths", source_lengths, batch_shape, "[batch...]")
+    _check_broadcasts("positions", positions, (*batch_shape, q_length), "[batch..., Tq]")
     lengths = source_lengths_of(mask, source_lengths, kv_length)
     if source_lengths is not None:
         keep = length_mask(lengths, kv_length)

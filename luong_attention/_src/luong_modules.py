@@ -7,6 +7,7 @@ and call those functions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -132,35 +133,21 @@ class LuongAttention(nn.Module):
           for one step, ``[batch..., q_length, memory_depth]`` and ``[batch..., q_length,
           kv_length]`` for a sequence.
         """
-        query = jnp.asarray(query)
-        memory = checks.as_float_array("memory", memory)
-        single = _is_single_step(query, memory)
-        if single:
-            query = query[..., None, :]
-            if self.mode == "local-m":
-                if positions is None:
-                    raise ValueError(
-                        "mode='local-m' with a single query [batch..., depth] needs its "
-                        "decoder step: pass positions=t (int or int [batch...])."
-                    )
-                positions = jnp.asarray(positions)[..., None]
+        query, memory = jnp.asarray(query), checks.as_float_array("memory", memory)
         dtype = self.dtype or jnp.result_type(query, memory)
         params = self._params(query.shape[-1], memory.shape[-1], dtype)
-        context, alignment = luong_attend(
+        return attend_query(
             query.astype(dtype),
             memory.astype(dtype),
             memory_mask,
+            positions=positions,
+            source_lengths=source_lengths,
             score=self.score,
             mode=self.mode,
             window=self.window,
-            positions=positions,
-            source_lengths=source_lengths,
             precision=self.precision,
             **params,
         )
-        if single:
-            return context[..., 0, :], alignment[..., 0, :]
-        return context, alignment
 
     def _params(self, query_depth: int, memory_depth: int, dtype: Dtype) -> dict[str, Any]:
         """Creates (or fetches) this configuration's parameters, cast to ``dtype``."""
@@ -186,17 +173,47 @@ class LuongAttention(nn.Module):
         return params
 
 
-def _is_single_step(query: jax.Array, memory: jax.Array) -> bool:
-    """Whether ``query`` is one step (rank of ``memory`` - 1) or a sequence (same rank)."""
-    if query.ndim == memory.ndim - 1:
-        return True
+def attend_query(
+    query: jax.Array,
+    memory: jax.Array,
+    memory_mask: jax.Array | None = None,
+    *,
+    positions: jax.Array | int | None = None,
+    **kwargs: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`luong_attend` for one decoder step or a sequence of queries.
+
+    Args:
+      query: ``[batch..., query_depth]`` (one step: rank of ``memory`` minus 1) or
+        ``[batch..., q_length, query_depth]`` (a sequence: the rank of ``memory``).
+      memory: ``[batch..., kv_length, memory_depth]``.
+      memory_mask: ``[batch..., kv_length]`` or ``None``.
+      positions: local-m steps: an int or int ``[batch...]`` for one step (required there),
+        ``[batch..., q_length]`` for a sequence.
+      **kwargs: the other arguments of :func:`luong_attend`.
+
+    Returns:
+      ``(context, alignment)`` without the ``q_length`` axis for one step.
+    """
     if query.ndim == memory.ndim:
-        return False
-    raise ValueError(
-        "query must be [batch..., depth_q] (one step) or [batch..., Tq, depth_q] (a sequence), "
-        f"with the batch dims of memory [batch..., Tv, depth_m]. Received: query.shape="
-        f"{jnp.shape(query)}, memory.shape={memory.shape}"
+        return luong_attend(query, memory, memory_mask, positions=positions, **kwargs)
+    if query.ndim != memory.ndim - 1:
+        raise ValueError(
+            "query must be [batch..., depth_q] (one step) or [batch..., Tq, depth_q] (a "
+            "sequence), with the batch dims of memory [batch..., Tv, depth_m]. Received: "
+            f"query.shape={query.shape}, memory.shape={memory.shape}"
+        )
+    if kwargs.get("mode") == "local-m" and positions is None:
+        raise ValueError(
+            "mode='local-m' with a single query [batch..., depth] needs its decoder step: "
+            "pass positions=t (int or int [batch...])."
+        )
+    if positions is not None:
+        positions = jnp.asarray(positions)[..., None]
+    context, alignment = luong_attend(
+        query[..., None, :], memory, memory_mask, positions=positions, **kwargs
     )
+    return context[..., 0, :], alignment[..., 0, :]
 
 
 class DecoderState(NamedTuple):
@@ -249,6 +266,61 @@ def init_decoder_state(
         memory_mask=mask,
         step=jnp.zeros(batch_shape, jnp.int32),
     )
+
+
+def decoder_step(
+    carry: DecoderState,
+    inputs: jax.Array,
+    cell: Callable[[Any, jax.Array], tuple[Any, jax.Array]],
+    attention: Callable[..., tuple[jax.Array, jax.Array]],
+    hidden_state: Callable[[jax.Array, jax.Array], jax.Array],
+    *,
+    input_feeding: bool = True,
+    return_alignment: bool = False,
+) -> tuple[DecoderState, jax.Array | tuple[jax.Array, jax.Array]]:
+    """One Luong decoder step: ``h_t = cell([x_t; h~_{t-1}])``, ``c_t, a_t = attention(h_t)``,
+    ``h~_t = hidden_state(c_t, h_t)`` (i.e. ``tanh(W_c [c_t; h_t])``).
+
+    Args:
+      carry: a :class:`DecoderState`.
+      inputs: ``[batch..., input_features]``.
+      cell: ``(cell_carry, x) -> (cell_carry, h_t)``.
+      attention: ``(h_t, memory, memory_mask, positions=step) -> (c_t, a_t)``.
+      hidden_state: ``(c_t, h_t) -> h~_t``, see :func:`attentional_hidden_state`.
+      input_feeding: concatenate ``h~_{t-1}`` to ``inputs``.
+      return_alignment: also output ``a_t``.
+
+    Returns:
+      ``(new_carry, h~_t)`` or ``(new_carry, (h~_t, a_t))``.
+    """
+    if not isinstance(carry, DecoderState):
+        raise TypeError(
+            "AttentionalDecoderCell's carry must be a DecoderState: build it with "
+            "cell.initialize_carry(..., memory, memory_mask). Received: "
+            f"{type(carry).__name__}"
+        )
+    x = inputs
+    if input_feeding:
+        x = jnp.concatenate([inputs, carry.h_tilde.astype(inputs.dtype)], axis=-1)
+    cell_carry, hidden = cell(carry.cell, x)
+    context, alignment = attention(hidden, carry.memory, carry.memory_mask, positions=carry.step)
+    h_tilde = hidden_state(context, hidden).astype(carry.h_tilde.dtype)
+    new_carry = DecoderState(cell_carry, h_tilde, carry.memory, carry.memory_mask, carry.step + 1)
+    return new_carry, (h_tilde, alignment) if return_alignment else h_tilde
+
+
+def cell_features(cell: Any, features: int | None = None) -> int:
+    """The size of ``h~``: ``features``, else the cell's ``features`` (linen) or
+    ``hidden_features`` (nnx)."""
+    if features is None:
+        features = getattr(cell, "features", getattr(cell, "hidden_features", None))
+    if isinstance(features, bool) or not isinstance(features, int):
+        raise ValueError(
+            "AttentionalDecoderCell needs features (the size of h~) when the wrapped cell has "
+            "no int 'features' (linen) or 'hidden_features' (nnx) attribute. Received: "
+            f"features={features!r}, cell {type(cell).__name__}"
+        )
+    return features
 
 
 class AttentionalDecoderCell(nn.RNNCellBase):
@@ -307,31 +379,21 @@ class AttentionalDecoderCell(nn.RNNCellBase):
           ``(new_carry, h~_t)`` with ``h~_t [batch..., features]``, or ``(new_carry, (h~_t,
           a_t))`` with ``a_t [batch..., kv_length]`` when ``return_alignment``.
         """
-        if not isinstance(carry, DecoderState):
-            raise TypeError(
-                "AttentionalDecoderCell's carry must be a DecoderState: build it with "
-                f"cell.initialize_carry(rng, input_shape, memory, memory_mask). Received: "
-                f"{type(carry).__name__}"
-            )
-        x = inputs
-        if self.input_feeding:
-            x = jnp.concatenate([inputs, carry.h_tilde.astype(inputs.dtype)], axis=-1)
-        cell_carry, hidden = self.cell(carry.cell, x)
-        context, alignment = self.attention(
-            hidden, carry.memory, carry.memory_mask, positions=carry.step
+
+        def hidden_state(context: jax.Array, hidden: jax.Array) -> jax.Array:
+            shape = (context.shape[-1] + hidden.shape[-1], self._features())
+            w_c = self.param("w_c", self.kernel_init, shape, self.param_dtype)
+            return attentional_hidden_state(context, hidden, w_c, precision=self.precision)
+
+        return decoder_step(
+            carry,
+            inputs,
+            self.cell,
+            self.attention,
+            hidden_state,
+            input_feeding=self.input_feeding,
+            return_alignment=self.return_alignment,
         )
-        w_c = self.param(
-            "w_c",
-            self.kernel_init,
-            (context.shape[-1] + hidden.shape[-1], self._features()),
-            self.param_dtype,
-        )
-        h_tilde = attentional_hidden_state(context, hidden, w_c, precision=self.precision)
-        h_tilde = h_tilde.astype(carry.h_tilde.dtype)
-        new_carry = DecoderState(
-            cell_carry, h_tilde, carry.memory, carry.memory_mask, carry.step + 1
-        )
-        return new_carry, (h_tilde, alignment) if self.return_alignment else h_tilde
 
     @nn.nowrap
     def initialize_carry(
@@ -363,15 +425,7 @@ class AttentionalDecoderCell(nn.RNNCellBase):
     @nn.nowrap
     def _features(self) -> int:
         """The size of ``h~``: ``features`` or the wrapped cell's ``features``."""
-        features = (
-            self.features if self.features is not None else getattr(self.cell, "features", None)
-        )
-        if not isinstance(features, int):
-            raise ValueError(
-                "AttentionalDecoderCell needs features (the size of h~) when the wrapped cell "
-                f"has no int 'features' attribute. Received cell: {type(self.cell).__name__}"
-            )
-        return features
+        return cell_features(self.cell, self.features)
 
     @property
     def num_feature_axes(self) -> int:
