@@ -9,18 +9,24 @@ heatmap of the learned alignment, and reports the wall time of the whole command
 
 from __future__ import annotations
 
+import argparse
+import datetime as dt
 import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
-_START = time.perf_counter()  # the command's start, for the reported wall time
+import jax
+import numpy as np
+from tqdm.auto import tqdm
 
-import argparse  # noqa: E402
-from collections import defaultdict  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
+from luong_attention import dates, seq2seq
+from luong_attention.plotting import plot_attention
 
-import numpy as np  # noqa: E402
-
-from luong_attention import dates  # noqa: E402
+# When the command started (this module is imported as the command line is parsed, after the
+# interpreter and jax have loaded): the reported wall time counts from here.
+_START = time.perf_counter()
 
 SOURCE_LENGTH = 40  # longest text any format writes is 38 characters
 NUM_TEST_DATES = 2000
@@ -50,10 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Trains, evaluates, saves the checkpoint and the heatmap, prints where they went."""
-    import jax
-
-    from luong_attention import seq2seq
-
     steps = 60 if args.quick else args.steps
     per_format = QUICK_TEST_PER_FORMAT if args.quick else TEST_PER_FORMAT
     rng = np.random.default_rng(args.seed)
@@ -101,13 +103,13 @@ def _train(
     steps: int,
     train: Sequence[dates.Example],
     alphabet: str,
-    config,
-):
-    """Runs the training loop with a tqdm bar (loss, teacher-forced exact match)."""
-    from tqdm.auto import tqdm
+    config: seq2seq.ModelConfig,
+) -> Any:
+    """Runs the training loop with a tqdm bar (loss, teacher-forced exact match).
 
-    from luong_attention import seq2seq
-
+    Returns:
+      The trained parameters.
+    """
     source, lengths = dates.encode_sources([e.text for e in train], alphabet, SOURCE_LENGTH)
     targets = dates.encode_targets([e.target for e in train])
     params = seq2seq.init_params(config, SOURCE_LENGTH, args.seed)
@@ -126,7 +128,9 @@ def _train(
     return params
 
 
-def _decode_all(decode, params, texts: Sequence[str], alphabet: str, chunk: int = 1024):
+def _decode_all(
+    decode: Callable, params: Any, texts: Sequence[str], alphabet: str, chunk: int = 1024
+) -> tuple[list[str], np.ndarray]:
     """Greedy answers and alignments of ``texts``, in fixed-size chunks (one compilation).
 
     Returns:
@@ -161,7 +165,7 @@ def _print_accuracy(test: Sequence[dates.Example], correct: np.ndarray) -> None:
     print("exact match per format:")
     for fmt in dates.FORMATS:
         hits = by_format[fmt.name]
-        sample = fmt.render(dates.dt.date(2026, 11, 25))
+        sample = fmt.render(dt.date(2026, 11, 25))
         print(f"  {fmt.name:34s} {np.mean(hits):7.1%}  ({sum(hits)}/{len(hits)})  e.g. {sample}")
 
 
@@ -173,8 +177,6 @@ def _save_heatmap(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from luong_attention.plotting import plot_attention
 
     picks = [
         next(i for i, e in enumerate(test) if e.format_name == name) for name in HEATMAP_FORMATS

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from luong_attention import dates, seq2seq
+
 # From no attention to all of it.
 _SHADES = " .:-=+*#%@"
 
@@ -49,8 +51,6 @@ def translate(text: str, checkpoint: Path) -> tuple[str, np.ndarray]:
     Raises:
       ValueError: for an empty text.
     """
-    from luong_attention import dates, seq2seq
-
     if not text:
         raise ValueError("text must hold at least one character. Received: ''")
     params, config, alphabet = seq2seq.load_checkpoint(checkpoint)

@@ -12,7 +12,7 @@ import pytest
 
 from luong_attention import cli, dates, seq2seq
 from luong_attention.plotting import plot_attention
-from luong_attention.translate import format_alignment
+from luong_attention.translate import format_alignment, translate
 
 matplotlib.use("Agg")
 
@@ -112,6 +112,8 @@ def test_demo_quick_then_translate(tmp_path, capsys):
 def test_translate_without_checkpoint_exits_cleanly(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
         cli.main(["translate", "25/11/2026", "--checkpoint", str(tmp_path)])
+    with pytest.raises(ValueError, match="at least one character"):
+        translate("", tmp_path)
 
 
 def test_format_alignment_marks_the_strongest_input():
