@@ -19,6 +19,42 @@ from luong_attention._src.masks import (
 from luong_attention._src.module import Attention, from_keras_layer
 from luong_attention._src.scores import concat_scores, dot_scores, stats_dtype
 
+# -- Luong et al. (2015) in full: scores, local attention, decoder cell, decoding (issue 5) --
+# isort: split
+from luong_attention._src.decoding import (
+    BeamOutput,
+    GreedyOutput,
+    beam_search,
+    greedy_decode,
+    normalised_scores,
+    teacher_forced_logits,
+    tile_beams,
+)
+from luong_attention._src.luong import (
+    LUONG_MODES,
+    LUONG_SCORES,
+    attentional_hidden_state,
+    check_luong_config,
+    gaussian_weights,
+    general_scores,
+    length_mask,
+    location_scores,
+    luong_attend,
+    luong_concat_scores,
+    luong_scores,
+    monotonic_positions,
+    predictive_positions,
+    source_lengths_of,
+    window_mask,
+)
+from luong_attention._src.luong_modules import (
+    AttentionalDecoderCell,
+    DecoderState,
+    LuongAttention,
+    init_decoder_state,
+    luong_param_shapes,
+)
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -39,4 +75,34 @@ __all__ = [
     "score_mask",
     "select_implementation",
     "stats_dtype",
+]
+
+__all__ += [
+    "LUONG_MODES",
+    "LUONG_SCORES",
+    "AttentionalDecoderCell",
+    "BeamOutput",
+    "DecoderState",
+    "GreedyOutput",
+    "LuongAttention",
+    "attentional_hidden_state",
+    "beam_search",
+    "check_luong_config",
+    "gaussian_weights",
+    "general_scores",
+    "greedy_decode",
+    "init_decoder_state",
+    "length_mask",
+    "location_scores",
+    "luong_attend",
+    "luong_concat_scores",
+    "luong_param_shapes",
+    "luong_scores",
+    "monotonic_positions",
+    "normalised_scores",
+    "predictive_positions",
+    "source_lengths_of",
+    "teacher_forced_logits",
+    "tile_beams",
+    "window_mask",
 ]

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 # subcommand -> (module with add_arguments(parser) and run(args), one-line help)
 COMMANDS = {
-    "demo": ("luong_attention.demo", "run the worked example"),
+    "demo": ("luong_attention.demo", "train a seq2seq model with Luong attention on dates"),
+    "translate": ("luong_attention.translate", "normalise a date with the demo's checkpoint"),
     "bench": ("luong_attention.bench", "time and memory against Keras 3 and jax.nn"),
 }
 
