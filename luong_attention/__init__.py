@@ -36,3 +36,8 @@ __all__ = [
     "score_mask",
     "stats_dtype",
 ]
+
+# Multiple devices (issue 7).
+from luong_attention._src.parallel import sequence_parallel_attention  # noqa: E402
+
+__all__ += ["sequence_parallel_attention"]
