@@ -38,6 +38,6 @@ __all__ = [
 ]
 
 # Multiple devices (issue 7).
-from luong_attention._src.parallel import sequence_parallel_attention  # noqa: E402
+from luong_attention._src.parallel import sequence_parallel_attention
 
 __all__ += ["sequence_parallel_attention"]

@@ -93,7 +93,9 @@ def test_sequence_parallel_matches_core(devices, score_mode, masked, causal, kv_
         la.attention, query, key, value, scale, weight, kwargs, cotangent
     )
     np.testing.assert_allclose(out, ref_out, **TOL)
-    for name, got, want in zip(("query", "key", "value", "scale", "weight"), grads, ref_grads):
+    for name, got, want in zip(
+        ("query", "key", "value", "scale", "weight"), grads, ref_grads, strict=True
+    ):
         assert np.all(np.isfinite(got)), name
         np.testing.assert_allclose(got, want, **TOL, err_msg=name)
     if score_mode == "dot":  # concat_score_weight is unused there

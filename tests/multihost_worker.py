@@ -84,7 +84,7 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
             arrays["cotangent"],
         )
         gathered = multihost_utils.process_allgather((out, *grads), tiled=True)
-        for name, x in zip(("out", "query", "key", "value", "scale"), gathered):
+        for name, x in zip(("out", "query", "key", "value", "scale"), gathered, strict=True):
             results[f"{score_mode}_{name}"] = np.asarray(x)
     np.savez(f"{out_dir}/process_{process_id}.npz", **results)
     jax.distributed.shutdown()

@@ -115,6 +115,8 @@ def test_two_processes_over_loopback_agree_with_one_process(tmp_path):
                 arrays["value_mask"],
                 arrays["cotangent"],
             )
-            for name, want in zip(("out", "query", "key", "value", "scale"), (out, *grads)):
+            for name, want in zip(
+                ("out", "query", "key", "value", "scale"), (out, *grads), strict=True
+            ):
                 got = result[f"{score_mode}_{name}"]
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
