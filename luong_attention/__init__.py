@@ -4,8 +4,10 @@ from luong_attention._src.attention import (
     apply_query_mask,
     apply_scores,
     attention,
+    blocked_attention_with_lse,
     compute_scores,
     dropout_weights,
+    select_implementation,
 )
 from luong_attention._src.masks import (
     MASK_PENALTY,
@@ -26,6 +28,7 @@ __all__ = [
     "apply_scores",
     "as_bool_mask",
     "attention",
+    "blocked_attention_with_lse",
     "causal_mask",
     "compute_scores",
     "concat_scores",
@@ -34,6 +37,7 @@ __all__ = [
     "from_keras_layer",
     "mask_scores",
     "score_mask",
+    "select_implementation",
     "stats_dtype",
 ]
 

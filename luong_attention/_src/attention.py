@@ -5,6 +5,7 @@ Shapes follow the legend in :mod:`luong_attention._src.scores`.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import chex
@@ -12,11 +13,18 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from luong_attention._src import checks
+from luong_attention._src import blocked, checks
 from luong_attention._src.masks import as_bool_mask, mask_scores, score_mask
 from luong_attention._src.scores import PrecisionLike, concat_scores, dot_scores, stats_dtype
 
 ScoreMode = Literal["dot", "concat"]
+Implementation = Literal["xla", "blocked"]
+
+# The automatic choice (``implementation=None``), measured with ``luong-attention bench`` on
+# a 2-core x86 CPU (see the README's Performance section): below these sizes the dense XLA
+# path is as fast or faster; above them the blocked path wins on time and memory.
+AUTO_BLOCKED_DOT_SCORES = 1 << 20  # B * Tq * Tv
+AUTO_BLOCKED_CONCAT_ELEMENTS = 1 << 22  # B * Tq * Tv * depth
 
 
 def compute_scores(
@@ -168,6 +176,7 @@ def attention(
     dropout_rng: jax.Array | None = None,
     return_attention_scores: bool = False,
     precision: PrecisionLike = None,
+    implementation: Implementation | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Luong-style attention with the exact semantics of ``keras.layers.Attention``.
 
@@ -190,7 +199,15 @@ def attention(
       dropout_rate: fraction of the attention weights to drop (inverted dropout).
       dropout_rng: PRNG key, required when ``dropout_rate > 0``.
       return_attention_scores: also return the weights (after masking, softmax, dropout).
-      precision: matmul precision.
+      precision: matmul precision (of the ``"xla"`` path; the blocked path multiplies in
+        float32 with the default precision).
+      implementation: ``"xla"`` builds the full ``[Tq, Tv]`` score matrix (fastest for small
+        problems); ``"blocked"`` runs :func:`blocked_attention_with_lse`, whose memory is
+        linear in the lengths; ``None`` picks with :func:`select_implementation`. Both give
+        the same numbers up to float32 rounding (dropout masks differ: each path draws its
+        own). With ``return_attention_scores`` the blocked path still computes its output
+        blockwise but must also build the dense ``[Tq, Tv]`` weights (one extra dense score
+        pass and ``Tq * Tv`` memory), so ``None`` picks ``"xla"`` then.
 
     Returns:
       ``output [batch..., q_length, value_depth]``, or ``(output, weights)`` with
@@ -204,6 +221,7 @@ def attention(
     Raises:
       ValueError, TypeError: for bad shapes, dtypes, ``score_mode`` or dropout arguments.
     """
+    checks.check_implementation(implementation)
     query, value, key, query_mask, value_mask = validate_attention_args(
         query,
         value,
@@ -217,29 +235,186 @@ def attention(
     )
     dtype = jnp.result_type(query, key, value)
     q_length, kv_length = query.shape[-2], key.shape[-2]
-    scores = compute_scores(
-        query,
-        key,
+    if implementation is None:
+        implementation = select_implementation(
+            score_mode, query, key, value, return_attention_scores=return_attention_scores
+        )
+    scores_args = dict(
         score_mode=score_mode,
         scale=scale,
         concat_score_weight=concat_score_weight,
-        precision=precision,
     )
-    mask = score_mask(
-        value_mask, use_causal_mask=use_causal_mask, q_length=q_length, kv_length=kv_length
-    )
-    output, weights = apply_scores(
-        scores,
-        value.astype(stats_dtype(dtype)),
-        mask,
-        dropout_rate=float(dropout_rate),
-        dropout_rng=dropout_rng,
-        precision=precision,
-    )
+    if implementation == "blocked":
+        output, _ = blocked.blocked_attention(
+            query,
+            value,
+            key,
+            value_mask,
+            use_causal_mask=use_causal_mask,
+            dropout_rate=float(dropout_rate),
+            dropout_rng=dropout_rng,
+            **scores_args,
+        )
+        weights = None
+        if return_attention_scores:
+            weights = _blocked_weights(
+                query, key, value_mask, use_causal_mask, dropout_rate, dropout_rng, scores_args
+            )
+    else:
+        scores = compute_scores(query, key, precision=precision, **scores_args)
+        mask = score_mask(
+            value_mask, use_causal_mask=use_causal_mask, q_length=q_length, kv_length=kv_length
+        )
+        output, weights = apply_scores(
+            scores,
+            value.astype(stats_dtype(dtype)),
+            mask,
+            dropout_rate=float(dropout_rate),
+            dropout_rng=dropout_rng,
+            precision=precision,
+        )
     output = apply_query_mask(output, query_mask).astype(dtype)
     batch_shape = output.shape[:-2]
     chex.assert_shape(output, (*batch_shape, q_length, value.shape[-1]))
-    chex.assert_shape(weights, (*batch_shape, q_length, kv_length))
     if return_attention_scores:
+        chex.assert_shape(weights, (*batch_shape, q_length, kv_length))
         return output, weights.astype(dtype)
     return output
+
+
+def select_implementation(
+    score_mode: str,
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    return_attention_scores: bool = False,
+) -> Implementation:
+    """The implementation :func:`attention` uses when given ``implementation=None``.
+
+    ``"blocked"`` once the dense path's largest intermediate gets big: ``B * Tq * Tv >=``
+    :data:`AUTO_BLOCKED_DOT_SCORES` for ``"dot"``, ``B * Tq * Tv * depth >=``
+    :data:`AUTO_BLOCKED_CONCAT_ELEMENTS` for ``"concat"`` (``B`` is the product of the batch
+    dims). ``"xla"`` below that, and always when the weights are requested (they are dense).
+    """
+    if return_attention_scores:
+        return "xla"
+    batch_shape = jnp.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+    scores = math.prod(batch_shape) * query.shape[-2] * key.shape[-2]
+    if score_mode == "concat":
+        return "blocked" if scores * query.shape[-1] >= AUTO_BLOCKED_CONCAT_ELEMENTS else "xla"
+    return "blocked" if scores >= AUTO_BLOCKED_DOT_SCORES else "xla"
+
+
+def _blocked_weights(
+    query: jax.Array,
+    key: jax.Array,
+    value_mask: jax.Array | None,
+    use_causal_mask: bool,
+    dropout_rate: float,
+    dropout_rng: jax.Array | None,
+    scores_args: dict,
+) -> jax.Array:
+    """The dense weights matching a blocked call's output (same dropout tiles).
+
+    ``[batch..., Tq, Tv]``: the core's masked softmax, times the blocked kernel's dropout
+    multipliers when ``dropout_rate > 0``.
+    """
+    q_length, kv_length = query.shape[-2], key.shape[-2]
+    scores = compute_scores(query, key, **scores_args)
+    mask = score_mask(
+        value_mask, use_causal_mask=use_causal_mask, q_length=q_length, kv_length=kv_length
+    )
+    weights = jax.nn.softmax(mask_scores(scores, mask), axis=-1)
+    if dropout_rate == 0.0:
+        return weights
+    cfg = blocked.make_config(
+        scores_args["score_mode"],
+        use_causal_mask,
+        q_length,
+        kv_length,
+        query.shape[-1],
+        dropout_rate,
+        None,
+        None,
+    )
+    batch_shape = weights.shape[:-2]
+    keep = blocked.dropout_multiplier(cfg, dropout_rng, math.prod(batch_shape))
+    return weights * keep.reshape(weights.shape)
+
+
+def blocked_attention_with_lse(
+    query: ArrayLike,
+    value: ArrayLike,
+    key: ArrayLike | None = None,
+    *,
+    value_mask: ArrayLike | None = None,
+    use_causal_mask: bool = False,
+    q_offset: ArrayLike = 0,
+    kv_offset: ArrayLike = 0,
+    score_mode: ScoreMode = "dot",
+    scale: ArrayLike | None = None,
+    concat_score_weight: ArrayLike | None = None,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Memory-efficient attention that also returns each row's logsumexp.
+
+    The same maths as :func:`attention` (without ``query_mask``, which only zeroes output
+    rows), computed over ``[block_q, block_kv]`` tiles with an online softmax and a
+    FlashAttention-2 style backward, so memory stays linear in the lengths. It is
+    differentiable in ``query``, ``key``, ``value``, ``scale``, ``concat_score_weight`` and
+    through both outputs (``d lse / d score = softmax weight``).
+
+    Partial results over disjoint key sets merge exactly:
+    ``lse = logaddexp(lse_a, lse_b)``, ``out = exp(lse_a - lse) * out_a + exp(lse_b - lse) *
+    out_b``. Positions ``q_offset``/``kv_offset`` place the blocks in a longer sequence for
+    the causal mask: query ``q_offset + i`` sees key ``kv_offset + j`` iff
+    ``kv_offset + j <= q_offset + i``.
+
+    Args:
+      query: ``[batch..., Tq, depth]``; value: ``[batch..., Tv, dim_v]``;
+      key: ``[batch..., Tv, depth]`` (``None``: ``value``).
+      value_mask: ``[batch..., Tv]`` or ``None``; masked scores are ``score - 1e9``, so a
+        row with no visible key is a near-uniform softmax over all ``Tv`` keys (as Keras).
+      use_causal_mask: causal mask on the global positions (see above).
+      q_offset, kv_offset: global position of the first query / key (int, may be traced).
+      score_mode, scale, concat_score_weight, dropout_rate, dropout_rng: as in
+        :func:`attention`; dropout tile ``(i, j)`` uses ``fold_in(dropout_rng, i * n_kv + j)``.
+      block_q, block_kv: tile sizes (``None``: :func:`blocked.default_blocks`).
+
+    Returns:
+      ``(output [batch..., Tq, dim_v], lse [batch..., Tq])``: the normalised output and the
+      logsumexp of each row's masked scores, both in float32 (``stats_dtype`` of the inputs).
+      In a fully masked row ``lse`` is about ``-1e9`` and carries only float32 precision
+      there (spacing 64), so merging such rows across shards is approximate.
+    """
+    query, value, key, _, value_mask = validate_attention_args(
+        query,
+        value,
+        key,
+        None,
+        value_mask,
+        score_mode=score_mode,
+        concat_score_weight=concat_score_weight,
+        dropout_rate=dropout_rate,
+        dropout_rng=dropout_rng,
+    )
+    return blocked.blocked_attention(
+        query,
+        value,
+        key,
+        value_mask,
+        use_causal_mask=use_causal_mask,
+        q_offset=q_offset,
+        kv_offset=kv_offset,
+        score_mode=score_mode,
+        scale=scale,
+        concat_score_weight=concat_score_weight,
+        dropout_rate=float(dropout_rate),
+        dropout_rng=dropout_rng,
+        block_q=block_q,
+        block_kv=block_kv,
+    )

@@ -155,3 +155,15 @@ def unpack_mask(mask: Sequence[Any] | None) -> tuple[Any, Any]:
             f"(a third entry is ignored, as in Keras). Received length: {len(mask)}"
         )
     return mask[0], mask[1]
+
+
+IMPLEMENTATIONS = ("xla", "blocked")
+
+
+def check_implementation(implementation: Any) -> None:
+    """Raises ``ValueError`` unless ``implementation`` is ``None`` or in :data:`IMPLEMENTATIONS`."""
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            "Invalid value for argument implementation. Expected None, 'xla' or 'blocked'. "
+            f"Received: implementation={implementation!r}"
+        )
