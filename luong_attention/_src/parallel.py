@@ -1,9 +1,10 @@
 """Sequence-parallel attention: keys and values split over a mesh axis with ``shard_map``.
 
 Every device on the axis holds all queries and one contiguous slice of the keys, values and
-value mask. It computes the attention of all queries over its slice (a *partial result*: the
-normalised output and the log of its softmax denominator), and the partial results are merged
-exactly with their logsumexp, so the merged output equals :func:`attention` on one device.
+value mask. It computes the attention of all queries over its slice with the blocked kernel
+(a *partial result*: the normalised output and the log of its softmax denominator), and the
+partial results are merged exactly with their logsumexp, so the merged output equals
+:func:`attention` on one device.
 
 Shapes follow the legend in :mod:`luong_attention._src.scores`; ``shard_length`` (Ts) is the
 number of keys on one device.
@@ -11,15 +12,16 @@ number of keys on one device.
 Fully masked rows need care. Keras fills masked scores with ``score - 1e9``; a row whose keys
 are *all* masked then gets the softmax of those filled scores (about the mean of the values).
 In float32 a logsumexp near ``-1e9`` is rounded to a multiple of 64, which would lose the
-weight of each slice. So every row of a partial result carries a *level*:
+weight of each slice. So every row of a partial result has a *level*:
 
 * 2: the slice has a key the row may attend to (the usual case);
-* 1: the slice only has keys the row masks: the partial result is the softmax of the filled
-  scores with the penalty added back (exact in float32, the same numbers the core softmax sees);
+* 1: the slice only has keys the row masks;
 * 0: the slice only has padding keys (added to make ``kv_length`` divisible by the devices).
 
 The merge keeps, per row, only the slices at the highest level over the axis: padding never
 counts, and masked keys only count when the row has nothing else, exactly as in the core.
+Rows at level 1 everywhere (fully masked in the whole sequence) get their partial results
+from :func:`fully_masked_partial`, which adds the penalty back so their logsumexp is exact.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from luong_attention._src.attention import (
     ScoreMode,
     apply_query_mask,
     apply_scores,
+    blocked_attention_with_lse,
     compute_scores,
     validate_attention_args,
 )
@@ -51,20 +54,7 @@ def pad_length(x: jax.Array, axis: int, length: int, fill: bool | float = 0) -> 
     return jnp.pad(x, widths, constant_values=fill)
 
 
-def offset_causal_mask(q_length: int, kv_length: int, kv_offset: ArrayLike) -> jax.Array:
-    """The top-left causal mask of queries ``0..Tq-1`` against keys ``kv_offset..+Ts-1``.
-
-    Global query ``i`` may attend to global key ``j`` iff ``j <= i``, as in :func:`causal_mask`.
-
-    Returns:
-      bool ``[q_length, kv_length]``.
-    """
-    rows = jnp.arange(q_length)[:, None]
-    cols = kv_offset + jnp.arange(kv_length)[None, :]
-    return rows >= cols
-
-
-def visible_keys(
+def row_levels(
     value_mask: jax.Array | None,
     *,
     use_causal_mask: bool,
@@ -72,93 +62,143 @@ def visible_keys(
     shard_length: int,
     kv_offset: ArrayLike,
     kv_length: int,
-) -> tuple[jax.Array, jax.Array]:
-    """Which keys of one slice each query may attend to, and which keys are real.
+) -> jax.Array:
+    """Each query's level in one slice: ``VISIBLE``, ``MASKED_ONLY`` or ``PADDING_ONLY``.
+
+    Costs ``O(q_length + shard_length)`` per batch row: a query sees a key of the slice iff
+    the slice's first unmasked real key exists (and, with the causal mask, is at a global
+    position ``<=`` the query's).
 
     Args:
       value_mask: the slice's ``[batch..., shard_length]`` value mask, or ``None``.
-      use_causal_mask: whether to add the causal mask in global positions.
+      use_causal_mask: whether the causal mask (in global positions) applies.
       q_length: Tq; shard_length: Ts.
       kv_offset: global position of the slice's first key (may be traced).
       kv_length: the global number of real keys; later positions are padding.
 
     Returns:
-      ``(visible, real)``: bool ``visible`` broadcastable to ``[batch..., q_length,
-      shard_length]`` (value mask AND causal AND real) and bool ``real [shard_length]``.
+      int32 ``[batch..., q_length]`` (the mask's batch dims; none without a mask).
     """
-    real = kv_offset + jnp.arange(shard_length) < kv_length
-    visible = real[None, :]
+    positions = kv_offset + jnp.arange(shard_length)
+    real = positions < kv_length
     value_mask = as_bool_mask(value_mask)
-    if value_mask is not None:
-        visible = jnp.logical_and(visible, value_mask[..., None, :])
-    if use_causal_mask:
-        causal = offset_causal_mask(q_length, shard_length, kv_offset)
-        visible = jnp.logical_and(visible, causal)
-    return visible, real
+    open_keys = real if value_mask is None else jnp.logical_and(real, value_mask)
+    never = jnp.iinfo(jnp.int32).max
+    first = jnp.min(jnp.where(open_keys, positions, never), axis=-1)[..., None]
+    visible = first <= jnp.arange(q_length) if use_causal_mask else first < never
+    visible = jnp.broadcast_to(visible, (*first.shape[:-1], q_length))
+    fallback = jnp.where(jnp.any(real), MASKED_ONLY, PADDING_ONLY)
+    return jnp.where(visible, VISIBLE, fallback).astype(jnp.int32)
 
 
-def row_levels(visible: jax.Array, real: jax.Array) -> jax.Array:
-    """Each row's level in one slice: ``VISIBLE``, ``MASKED_ONLY`` or ``PADDING_ONLY``.
+def fully_masked_partial(
+    query: jax.Array,
+    value: jax.Array,
+    key: jax.Array,
+    *,
+    real: jax.Array,
+    score_mode: ScoreMode,
+    scale: ArrayLike | None,
+    concat_score_weight: ArrayLike | None,
+) -> tuple[jax.Array, jax.Array]:
+    """The exact partial result of rows that see no key of the slice, computed densely.
+
+    Every real key of such a row is masked, so the core's softmax sees ``score - 1e9`` for
+    all of them. Adding the penalty back is exact (the filled score is a multiple of the
+    float32 spacing near ``1e9``), which keeps the logsumexp representable; padding keys get
+    ``-1e9`` on top, so they never count. Other rows' results are meaningless.
 
     Args:
-      visible: bool, broadcastable to ``[batch..., q_length, shard_length]``.
-      real: bool ``[shard_length]``.
+      query: ``[batch..., q_length, depth]``; key: ``[batch..., shard_length, depth]``.
+      value: ``[batch..., shard_length, value_depth]`` in float32 (or wider).
+      real: bool ``[shard_length]``, ``False`` at padding keys.
+      score_mode, scale, concat_score_weight: as in :func:`attention`.
 
     Returns:
-      int32 ``[batch..., q_length]`` (leading dims as broadcast in ``visible``).
+      ``(output [batch..., q_length, value_depth], lse [batch..., q_length])``.
     """
-    level = jnp.where(jnp.any(real), MASKED_ONLY, PADDING_ONLY)
-    return jnp.where(jnp.any(visible, axis=-1), VISIBLE, level).astype(jnp.int32)
+    scores = compute_scores(
+        query, key, score_mode=score_mode, scale=scale, concat_score_weight=concat_score_weight
+    )
+    penalty = jnp.asarray(MASK_PENALTY, scores.dtype)
+    # The barrier stops XLA from folding ``(s - 1e9) + 1e9`` back into ``s``.
+    filled = jax.lax.optimization_barrier(mask_scores(scores, jnp.zeros((), bool))) + penalty
+    filled = jnp.where(real, filled, -penalty)
+    output, _ = apply_scores(filled, value)
+    return output, jax.nn.logsumexp(filled, axis=-1)
 
 
 def shard_partial(
-    scores: jax.Array,
+    query: jax.Array,
     value: jax.Array,
-    visible: jax.Array,
-    real: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The partial result of one slice of keys, with the core's mask fill.
+    key: jax.Array,
+    *,
+    value_mask: jax.Array | None,
+    use_causal_mask: bool,
+    kv_offset: ArrayLike,
+    kv_length: int,
+    fully_masked: jax.Array,
+    score_mode: ScoreMode,
+    scale: ArrayLike | None,
+    concat_score_weight: ArrayLike | None,
+) -> tuple[jax.Array, jax.Array]:
+    """The partial result of all queries over one slice of keys (inside ``shard_map``).
 
-    Rows with a visible key get the core's masked softmax over the slice. Rows whose real
-    keys are all masked get the penalty added back (exact: the filled score is a multiple of
-    the float32 spacing near ``1e9``), so their logsumexp stays representable. Padding keys
-    get twice the penalty on top, so they never weigh against a real key.
+    Runs the blocked kernel (:func:`blocked_attention_with_lse`, padding keys masked). Its
+    logsumexp is only float32-exact for rows with a visible key, so if some query is
+    ``fully_masked`` (sees no key in the whole sequence), those rows are recomputed by
+    :func:`fully_masked_partial`, under a ``lax.cond`` that skips it otherwise.
 
     Args:
-      scores: ``[batch..., q_length, shard_length]`` in float32 or wider.
-      value: ``[batch..., shard_length, value_depth]`` in the scores' dtype.
-      visible: bool, broadcastable to ``scores``; real: bool ``[shard_length]``.
+      query: ``[batch..., q_length, depth]``; key: ``[batch..., shard_length, depth]``.
+      value: ``[batch..., shard_length, value_depth]`` in float32 (or wider).
+      value_mask: ``[batch..., shard_length]``, ``False`` at padding keys (``None`` only
+        when there is neither a mask nor padding).
+      use_causal_mask: causal mask in global positions (queries start at 0).
+      kv_offset: global position of the slice's first key; kv_length: real keys overall.
+      fully_masked: bool ``[batch..., q_length]``, the queries that see no key at all.
+      score_mode, scale, concat_score_weight: as in :func:`attention`.
 
     Returns:
-      ``(output, lse, level)``: the normalised ``output [batch..., q_length, value_depth]``,
-      ``lse [batch..., q_length]`` (the log of its softmax denominator) and the int32 row
-      ``level [batch..., q_length]``.
+      ``(output [batch..., q_length, value_depth], lse [batch..., q_length])`` in float32.
     """
-    level = jnp.broadcast_to(row_levels(visible, real), scores.shape[:-1])
-    penalty = jnp.asarray(MASK_PENALTY, scores.dtype)
-    filled = mask_scores(scores, visible)
-    filled = filled + jnp.where(level == MASKED_ONLY, penalty, 0.0)[..., None]
-    filled = jnp.where(real, filled, filled - 2 * penalty)
-    output, _ = apply_scores(filled, value)
-    return output, jax.nn.logsumexp(filled, axis=-1), level
+    real = kv_offset + jnp.arange(key.shape[-2]) < kv_length
+    params = {"score_mode": score_mode, "scale": scale, "concat_score_weight": concat_score_weight}
+    output, lse = blocked_attention_with_lse(
+        query,
+        value,
+        key,
+        value_mask=value_mask,
+        use_causal_mask=use_causal_mask,
+        kv_offset=kv_offset,
+        **params,
+    )
+
+    def exact_fully_masked_rows() -> tuple[jax.Array, jax.Array]:
+        exact_output, exact_lse = fully_masked_partial(query, value, key, real=real, **params)
+        return (
+            jnp.where(fully_masked[..., None], exact_output, output),
+            jnp.where(fully_masked, exact_lse, lse),
+        )
+
+    return jax.lax.cond(jnp.any(fully_masked), exact_fully_masked_rows, lambda: (output, lse))
 
 
-def merge_partials(
-    output: jax.Array, lse: jax.Array, level: jax.Array, axis_name: str
-) -> jax.Array:
+def merge_partials(output: jax.Array, lse: jax.Array, use: jax.Array, axis_name: str) -> jax.Array:
     """Merges the partial results of all slices on ``axis_name`` (inside ``shard_map``).
 
-    Per row, only slices at the highest level over the axis count; each is weighted by its
-    softmax denominator, ``exp(lse - max lse)``.
+    Each row is the average of the used slices' outputs weighted by their softmax
+    denominators, ``exp(lse - max lse)``.
 
     Args:
-      output: ``[batch..., q_length, value_depth]``; lse, level: ``[batch..., q_length]``.
+      output: ``[batch..., q_length, value_depth]``; lse: ``[batch..., q_length]``.
+      use: bool ``[batch..., q_length]``, whether this slice counts for the row (some slice
+        must count for every row).
       axis_name: the mesh axis the keys are split over.
 
     Returns:
       The merged output ``[batch..., q_length, value_depth]``, the same on every device.
     """
-    use = level == jax.lax.pmax(level, axis_name)
     # The shift only keeps exp() in range; it cancels exactly, so no gradient flows into it.
     shift = jax.lax.pmax(jax.lax.stop_gradient(jnp.where(use, lse, -jnp.inf)), axis_name)
     # Double where: unused slices get weight 0 and a zero (not NaN) gradient.
@@ -237,11 +277,13 @@ def sequence_parallel_attention(
     value = pad_length(value.astype(stats_dtype(dtype)), -2, padded)
     if value_mask is not None:
         value_mask = pad_length(as_bool_mask(value_mask), -1, padded, False)
+    elif padded > kv_length:
+        value_mask = jnp.arange(padded) < kv_length  # padding keys are masked keys to the kernel
     params = {"scale": scale, "concat_score_weight": concat_score_weight}
 
     def local(query, key, value, value_mask, params):
         kv_offset = jax.lax.axis_index(axis_name) * shard_length
-        visible, real = visible_keys(
+        level = row_levels(
             value_mask,
             use_causal_mask=use_causal_mask,
             q_length=q_length,
@@ -249,8 +291,21 @@ def sequence_parallel_attention(
             kv_offset=kv_offset,
             kv_length=kv_length,
         )
-        scores = compute_scores(query, key, score_mode=score_mode, **params)
-        return merge_partials(*shard_partial(scores, value, visible, real), axis_name)
+        # Per row, only the slices at the highest level count (see the module docstring).
+        top = jax.lax.pmax(level, axis_name)
+        output, lse = shard_partial(
+            query,
+            value,
+            key,
+            value_mask=value_mask,
+            use_causal_mask=use_causal_mask,
+            kv_offset=kv_offset,
+            kv_length=kv_length,
+            fully_masked=top == MASKED_ONLY,
+            score_mode=score_mode,
+            **params,
+        )
+        return merge_partials(output, lse, level == top, axis_name)
 
     mask_spec = P() if value_mask is None else _split_spec(value_mask.ndim, -1, axis_name)
     output = jax.shard_map(
@@ -264,5 +319,6 @@ def sequence_parallel_attention(
             P(),
         ),
         out_specs=P(),
+        check_vma=False,  # the blocked kernel's loop carries are not typed per axis
     )(query, key, value, value_mask, params)
     return apply_query_mask(output, query_mask).astype(dtype)
