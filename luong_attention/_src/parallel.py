@@ -137,7 +137,7 @@ def shard_partial(
     use_causal_mask: bool,
     kv_offset: ArrayLike,
     kv_length: int,
-    fully_masked: jax.Array,
+    fully_masked: jax.Array | None,
     score_mode: ScoreMode,
     scale: ArrayLike | None,
     concat_score_weight: ArrayLike | None,
@@ -156,7 +156,8 @@ def shard_partial(
         when there is neither a mask nor padding).
       use_causal_mask: causal mask in global positions (queries start at 0).
       kv_offset: global position of the slice's first key; kv_length: real keys overall.
-      fully_masked: bool ``[batch..., q_length]``, the queries that see no key at all.
+      fully_masked: bool ``[batch..., q_length]``, the queries that see no key at all;
+        ``None`` when there can be none (no value mask), which skips the check.
       score_mode, scale, concat_score_weight: as in :func:`attention`.
 
     Returns:
@@ -181,6 +182,8 @@ def shard_partial(
             jnp.where(fully_masked, exact_lse, lse),
         )
 
+    if fully_masked is None:
+        return output, lse
     return jax.lax.cond(jnp.any(fully_masked), exact_fully_masked_rows, lambda: (output, lse))
 
 
@@ -275,6 +278,8 @@ def sequence_parallel_attention(
     padded = shard_length * devices
     key = pad_length(key, -2, padded)
     value = pad_length(value.astype(stats_dtype(dtype)), -2, padded)
+    # Without a value mask every query sees key 0, so no row can be fully masked.
+    user_mask = value_mask
     if value_mask is not None:
         value_mask = pad_length(as_bool_mask(value_mask), -1, padded, False)
     elif padded > kv_length:
@@ -301,7 +306,7 @@ def sequence_parallel_attention(
             use_causal_mask=use_causal_mask,
             kv_offset=kv_offset,
             kv_length=kv_length,
-            fully_masked=top == MASKED_ONLY,
+            fully_masked=None if user_mask is None else top == MASKED_ONLY,
             score_mode=score_mode,
             **params,
         )
