@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=64, help="query/key/value depth")
     parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--score-mode", choices=["dot", "concat"], default="dot")
+    parser.add_argument("--value-mask", action="store_true", help="mask the last tenth of the keys")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
     parser.add_argument("--quick", action="store_true", help="length 2048, 1 repeat")
     parser.add_argument("--json", type=str, default=None, help="also write the rows here")
@@ -80,7 +81,9 @@ def _rss_growth(fn, args) -> int:
     return _status_bytes("VmHWM") - before
 
 
-def measure(devices: int, length: int, depth: int, score_mode: str, repeats: int) -> dict:
+def measure(
+    devices: int, length: int, depth: int, score_mode: str, repeats: int, value_mask: bool
+) -> dict:
     """One row of the table, measured in this process on its first ``devices`` devices."""
     import jax
     import jax.numpy as jnp
@@ -94,6 +97,8 @@ def measure(devices: int, length: int, depth: int, score_mode: str, repeats: int
         jnp.asarray(rng.normal(size=(1, length, depth)).astype(np.float32)) for _ in range(3)
     )
 
+    mask = jnp.arange(length) < length - length // 10 if value_mask else None
+
     def forward(query, key, value):
         return sequence_parallel_attention(
             query,
@@ -101,6 +106,7 @@ def measure(devices: int, length: int, depth: int, score_mode: str, repeats: int
             key,
             mesh=mesh,
             axis_name="sp",
+            value_mask=mask,
             use_causal_mask=True,
             score_mode=score_mode,
         )
@@ -124,6 +130,7 @@ def measure(devices: int, length: int, depth: int, score_mode: str, repeats: int
         "length": length,
         "depth": depth,
         "score_mode": score_mode,
+        "value_mask": value_mask,
         "device_mib": device_bytes / MIB,
         "process_rss_mib": rss_growth / MIB,
         "forward_ms": 1e3 * _timed(forward_fn, (query, key, value), repeats),
@@ -139,6 +146,7 @@ def _run_child(devices: int, args: argparse.Namespace) -> dict:
     command = [sys.executable, "-m", "luong_attention.parallel_bench", "--child", str(devices)]
     command += ["--length", str(args.length), "--depth", str(args.depth)]
     command += ["--score-mode", args.score_mode, "--repeats", str(args.repeats)]
+    command += ["--value-mask"] if args.value_mask else []
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the {devices}-device child failed:\n{done.stdout}{done.stderr}")
@@ -165,11 +173,14 @@ def run(args: argparse.Namespace) -> None:
     if args.quick:
         args.length, args.repeats = 2048, 1
     if args.child is not None:
-        row = measure(args.child, args.length, args.depth, args.score_mode, args.repeats)
+        row = measure(
+            args.child, args.length, args.depth, args.score_mode, args.repeats, args.value_mask
+        )
         print(json.dumps(row))
         return
+    masked = ", last tenth of the keys masked" if args.value_mask else ""
     print(
-        f"sequence-parallel {args.score_mode} attention, causal, batch 1, "
+        f"sequence-parallel {args.score_mode} attention, causal{masked}, batch 1, "
         f"Tq = Tv = {args.length}, depth {args.depth}, float32"
     )
     rows = []

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import luong_attention as la
+from luong_attention._src import parallel
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -100,6 +101,14 @@ def test_sequence_parallel_matches_core(devices, score_mode, masked, causal, kv_
         np.testing.assert_allclose(got, want, **TOL, err_msg=name)
     if score_mode == "dot":  # concat_score_weight is unused there
         assert float(grads[4]) == 0.0
+
+
+@pytest.mark.parametrize("score_mode", ["dot", "concat"])
+def test_fully_masked_rows_in_query_chunks(monkeypatch, score_mode):
+    """The fully-masked-row path in chunks of 2 queries (7 queries: the last chunk padded)."""
+    per_query = 3 * (5 if score_mode == "concat" else 1)  # shard_length 3 (11 keys on 4), depth 5
+    monkeypatch.setattr(parallel, "CHUNK_ELEMENTS", 2 * per_query)
+    test_sequence_parallel_matches_core(4, score_mode, True, True, 11)
 
 
 def test_fully_masked_rows_with_large_scores_keep_keras_fill():

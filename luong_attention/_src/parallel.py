@@ -26,6 +26,8 @@ from :func:`fully_masked_partial`, which adds the penalty back so their logsumex
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -45,6 +47,8 @@ from luong_attention._src.scores import stats_dtype
 
 # Row levels of a partial result (see the module docstring).
 PADDING_ONLY, MASKED_ONLY, VISIBLE = 0, 1, 2
+# Score entries (times depth for "concat") per chunk of the fully-masked-row path: 4 MiB.
+CHUNK_ELEMENTS = 1 << 20
 
 
 def pad_length(x: jax.Array, axis: int, length: int, fill: bool | float = 0) -> jax.Array:
@@ -91,6 +95,30 @@ def row_levels(
     return jnp.where(visible, VISIBLE, fallback).astype(jnp.int32)
 
 
+def map_query_chunks(
+    fn: Callable[[jax.Array], tuple[jax.Array, jax.Array]], query: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """Runs ``fn`` on ``chunk`` queries at a time (``lax.map``), recomputed in the backward pass.
+
+    Args:
+      fn: maps ``[batch..., chunk, depth]`` to ``(out [batch..., chunk, value_depth],
+        lse [batch..., chunk])``.
+      query: ``[batch..., q_length, depth]``; chunk: queries per step.
+
+    Returns:
+      ``(out [batch..., q_length, value_depth], lse [batch..., q_length])``.
+    """
+    q_length, depth = query.shape[-2:]
+    chunks = -(-q_length // chunk)
+    query = pad_length(query, -2, chunks * chunk)
+    query = jnp.moveaxis(query.reshape(*query.shape[:-2], chunks, chunk, depth), -3, 0)
+    out, lse = jax.lax.map(jax.checkpoint(fn), query)
+    out = jnp.moveaxis(out, 0, -3)
+    out = out.reshape(*out.shape[:-3], chunks * chunk, out.shape[-1])[..., :q_length, :]
+    lse = jnp.moveaxis(lse, 0, -2)
+    return out, lse.reshape(*lse.shape[:-2], chunks * chunk)[..., :q_length]
+
+
 def fully_masked_partial(
     query: jax.Array,
     value: jax.Array,
@@ -101,12 +129,13 @@ def fully_masked_partial(
     scale: ArrayLike | None,
     concat_score_weight: ArrayLike | None,
 ) -> tuple[jax.Array, jax.Array]:
-    """The exact partial result of rows that see no key of the slice, computed densely.
+    """The exact partial result of rows that see no key of the slice.
 
     Every real key of such a row is masked, so the core's softmax sees ``score - 1e9`` for
     all of them. Adding the penalty back is exact (the filled score is a multiple of the
     float32 spacing near ``1e9``), which keeps the logsumexp representable; padding keys get
-    ``-1e9`` on top, so they never count. Other rows' results are meaningless.
+    ``-1e9`` instead, so they never count. Other rows' results are meaningless. The scores
+    are built for a chunk of queries at a time (at most :data:`CHUNK_ELEMENTS` entries).
 
     Args:
       query: ``[batch..., q_length, depth]``; key: ``[batch..., shard_length, depth]``.
@@ -117,15 +146,21 @@ def fully_masked_partial(
     Returns:
       ``(output [batch..., q_length, value_depth], lse [batch..., q_length])``.
     """
-    scores = compute_scores(
-        query, key, score_mode=score_mode, scale=scale, concat_score_weight=concat_score_weight
-    )
-    penalty = jnp.asarray(MASK_PENALTY, scores.dtype)
-    # The barrier stops XLA from folding ``(s - 1e9) + 1e9`` back into ``s``.
-    filled = jax.lax.optimization_barrier(mask_scores(scores, jnp.zeros((), bool))) + penalty
-    filled = jnp.where(real, filled, -penalty)
-    output, _ = apply_scores(filled, value)
-    return output, jax.nn.logsumexp(filled, axis=-1)
+
+    def chunk_partial(query: jax.Array) -> tuple[jax.Array, jax.Array]:
+        scores = compute_scores(
+            query, key, score_mode=score_mode, scale=scale, concat_score_weight=concat_score_weight
+        )
+        penalty = jnp.asarray(MASK_PENALTY, scores.dtype)
+        # The barrier stops XLA from folding ``(s - 1e9) + 1e9`` back into ``s``.
+        filled = jax.lax.optimization_barrier(mask_scores(scores, jnp.zeros((), bool))) + penalty
+        filled = jnp.where(real, filled, -penalty)
+        output, _ = apply_scores(filled, value)
+        return output, jax.nn.logsumexp(filled, axis=-1)
+
+    per_query = key.shape[-2] * (key.shape[-1] if score_mode == "concat" else 1)
+    chunk = max(1, min(query.shape[-2], CHUNK_ELEMENTS // per_query))
+    return map_query_chunks(chunk_partial, query, chunk)
 
 
 def shard_partial(
