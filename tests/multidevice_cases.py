@@ -103,12 +103,11 @@ def test_sequence_parallel_matches_core(devices, score_mode, masked, causal, kv_
         assert float(grads[4]) == 0.0
 
 
-@pytest.mark.parametrize("score_mode", ["dot", "concat"])
-def test_fully_masked_rows_in_query_chunks(monkeypatch, score_mode):
+def test_fully_masked_rows_in_query_chunks(monkeypatch):
     """The fully-masked-row path in chunks of 2 queries (7 queries: the last chunk padded)."""
-    per_query = 3 * (5 if score_mode == "concat" else 1)  # shard_length 3 (11 keys on 4), depth 5
+    per_query = 3 * 5  # concat: shard_length 3 (11 keys on 4 devices) times depth 5
     monkeypatch.setattr(parallel, "CHUNK_ELEMENTS", 2 * per_query)
-    test_sequence_parallel_matches_core(4, score_mode, True, True, 11)
+    test_sequence_parallel_matches_core(4, "concat", True, True, 11)
 
 
 def test_fully_masked_rows_with_large_scores_keep_keras_fill():
@@ -118,9 +117,12 @@ def test_fully_masked_rows_with_large_scores_keep_keras_fill():
     query, key, value = _inputs(batch, q_length, kv_length, depth, value_depth, spread=40.0)
     value_mask = np.ones((*batch, kv_length), bool)
     value_mask[1] = False
-    out = la.sequence_parallel_attention(
-        query, value, key, mesh=_mesh(4), axis_name="sp", value_mask=value_mask
-    )
+    mesh = _mesh(4)
+    out = jax.jit(
+        lambda q, v, k, vm: la.sequence_parallel_attention(
+            q, v, k, mesh=mesh, axis_name="sp", value_mask=vm
+        )
+    )(query, value, key, value_mask)
     ref = la.attention(query, value, key, value_mask=value_mask)
     assert np.abs(ref[1] - value[1].mean(0)).max() > 1e-2  # really not the plain mean
     np.testing.assert_allclose(out, ref, **TOL)
@@ -166,3 +168,19 @@ def test_data_parallel_batch_sharded_matches_single_device(score_mode):
     assert out.sharding.is_equivalent_to(shard, out.ndim)
     ref = module.apply(variables, [query, value, key], mask=[query_mask, value_mask])
     np.testing.assert_allclose(out, ref, **TOL)
+
+
+def test_bfloat16_keeps_dtype_and_matches_core():
+    """Half-precision inputs: float32 statistics inside, output in bfloat16, as the core."""
+    query, key, value = (x.astype(jnp.bfloat16) for x in _inputs((2,), 6, 10, 5, 3))
+    _, value_mask = _masks((2,), 6, 10)
+    kwargs = {"value_mask": value_mask, "use_causal_mask": True}
+    mesh = _mesh(4)
+    out = jax.jit(
+        lambda q, v, k: la.sequence_parallel_attention(q, v, k, mesh=mesh, axis_name="sp", **kwargs)
+    )(query, value, key)
+    ref = la.attention(query, value, key, **kwargs)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=2e-2, atol=2e-2
+    )
