@@ -138,6 +138,44 @@ def test_unbatched_key_defaults_to_value_and_jit_with_sharded_inputs():
     assert out.shape == (6, 5)
 
 
+@pytest.mark.parametrize("score_mode", ["dot", "concat"])
+def test_data_and_sequence_parallel_on_a_2x4_mesh(score_mode):
+    """batch_axis: batch split over "data" (2), keys over "sp" (4); the key has no batch dim
+    and is replicated over "data". Outputs and gradients equal the core's."""
+    batch, q_length, kv_length, depth, value_depth = (4,), 7, 10, 5, 6
+    query, _, value = _inputs(batch, q_length, kv_length, depth, value_depth)
+    key = np.random.default_rng(3).normal(size=(kv_length, depth)).astype(np.float32)
+    query_mask, value_mask = _masks(batch, q_length, kv_length)
+    kwargs = {"score_mode": score_mode, "use_causal_mask": True}
+    kwargs |= {"query_mask": query_mask, "value_mask": value_mask}
+    cotangent = np.random.default_rng(2).normal(size=(*batch, q_length, value_depth))
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "sp"))
+
+    def parallel(*args, **kw):
+        return la.sequence_parallel_attention(
+            *args, mesh=mesh, axis_name="sp", batch_axis="data", **kw
+        )
+
+    scale, weight = np.float32(0.7), np.float32(1.3)
+    out, grads = _loss_and_grads(parallel, query, key, value, scale, weight, kwargs, cotangent)
+    ref_out, ref_grads = _loss_and_grads(
+        la.attention, query, key, value, scale, weight, kwargs, cotangent
+    )
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), out.ndim)
+    np.testing.assert_allclose(out, ref_out, **TOL)
+    for got, want in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_batch_axis_must_divide_the_batch():
+    query, key, value = _inputs((3,), 4, 5, 6, 7)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "sp"))
+    with pytest.raises(ValueError, match="batch_axis must differ from axis_name"):
+        la.sequence_parallel_attention(
+            query, value, key, mesh=mesh, axis_name="sp", batch_axis="data"
+        )
+
+
 def test_bad_axis_name_is_a_value_error():
     query, key, value = _inputs((2,), 3, 4, 5, 6)
     with pytest.raises(ValueError, match="axis_name must be one of the mesh's axes"):

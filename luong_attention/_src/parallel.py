@@ -245,11 +245,49 @@ def merge_partials(output: jax.Array, lse: jax.Array, use: jax.Array, axis_name:
     return jax.lax.psum(weight[..., None] * output, axis_name) / total[..., None]
 
 
-def _split_spec(ndim: int, axis: int, axis_name: str) -> P:
-    """A PartitionSpec splitting dimension ``axis`` (negative) of an ``ndim`` array."""
-    spec = [None] * ndim
-    spec[axis] = axis_name
+def _spec(
+    x: jax.Array | None,
+    core_dims: int,
+    split: int | None,
+    axis_name: str,
+    batch_axis: str | None,
+    batch_shape: tuple[int, ...],
+) -> P:
+    """The PartitionSpec of one input of :func:`sequence_parallel_attention`.
+
+    Dimension ``split`` (negative, or ``None``) goes over ``axis_name``; the first batch dim
+    goes over ``batch_axis`` when ``x`` has it in full (inputs that broadcast over it, with a
+    size-1 or missing dim, are replicated instead).
+    """
+    if x is None:
+        return P()
+    spec = [None] * x.ndim
+    if split is not None:
+        spec[split] = axis_name
+    full_batch = x.ndim - core_dims == len(batch_shape) and x.shape[:1] == batch_shape[:1]
+    if batch_axis is not None and full_batch:
+        spec[0] = batch_axis
     return P(*spec)
+
+
+def _check_axes(
+    mesh: Mesh, axis_name: str, batch_axis: str | None, batch_shape: tuple[int, ...]
+) -> None:
+    """Raises ``ValueError`` for axes the mesh lacks or a batch that does not divide."""
+    for name, axis in (("axis_name", axis_name), ("batch_axis", batch_axis)):
+        if axis is not None and axis not in mesh.axis_names:
+            raise ValueError(
+                f"{name} must be one of the mesh's axes {mesh.axis_names}. "
+                f"Received: {name}={axis!r}"
+            )
+    if batch_axis is None:
+        return
+    if batch_axis == axis_name or not batch_shape or batch_shape[0] % mesh.shape[batch_axis]:
+        raise ValueError(
+            f"batch_axis must differ from axis_name, and the first batch dim must divide by its "
+            f"{mesh.shape[batch_axis]} devices. Received: batch_axis={batch_axis!r}, "
+            f"axis_name={axis_name!r}, batch dims {batch_shape}"
+        )
 
 
 def sequence_parallel_attention(
@@ -265,6 +303,7 @@ def sequence_parallel_attention(
     score_mode: ScoreMode = "dot",
     scale: ArrayLike | None = None,
     concat_score_weight: ArrayLike | None = None,
+    batch_axis: str | None = None,
 ) -> jax.Array:
     """:func:`attention` with the keys, values and value mask split over a mesh axis.
 
@@ -272,7 +311,8 @@ def sequence_parallel_attention(
     ones padded; padding never changes the result) and all queries; the partial results are
     merged with their logsumexp (:func:`merge_partials`). The result equals :func:`attention`
     up to float rounding, fully masked rows included, and is differentiable with respect to
-    ``query``, ``key``, ``value``, ``scale`` and ``concat_score_weight``. Other mesh axes
+    ``query``, ``key``, ``value``, ``scale`` and ``concat_score_weight``. With ``batch_axis``
+    the first batch dim is split over that mesh axis too (data parallel); other mesh axes
     replicate the computation. Works eagerly and under ``jax.jit``, on one host or many
     (after ``jax.distributed.initialize``).
 
@@ -281,14 +321,17 @@ def sequence_parallel_attention(
       value: ``[batch..., kv_length, value_depth]``.
       key: ``[batch..., kv_length, depth]``; ``None`` uses ``value``.
       mesh: the device mesh; axis_name: the axis to split the keys over.
+      batch_axis: an optional second mesh axis to split the first batch dim over.
       query_mask, value_mask, use_causal_mask, score_mode, scale, concat_score_weight: as in
         :func:`attention` (causal in global positions: query ``i`` sees keys ``j <= i``).
 
     Returns:
-      ``[batch..., q_length, value_depth]`` in the inputs' dtype, replicated over the mesh.
+      ``[batch..., q_length, value_depth]`` in the inputs' dtype, replicated over the mesh
+      (split over ``batch_axis`` along the first batch dim, if given).
 
     Raises:
-      ValueError, TypeError: for bad arguments, or an ``axis_name`` the mesh does not have.
+      ValueError, TypeError: for bad arguments, axes the mesh does not have, or a first
+        batch dim that does not divide by the ``batch_axis`` devices.
     """
     query, value, key, query_mask, value_mask = validate_attention_args(
         query,
@@ -301,11 +344,8 @@ def sequence_parallel_attention(
         dropout_rate=0.0,
         dropout_rng=None,
     )
-    if axis_name not in mesh.axis_names:
-        raise ValueError(
-            f"axis_name must be one of the mesh's axes {mesh.axis_names}. "
-            f"Received: axis_name={axis_name!r}"
-        )
+    batch_shape = tuple(jnp.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+    _check_axes(mesh, axis_name, batch_axis, batch_shape)
     dtype = jnp.result_type(query, key, value)
     q_length, kv_length = query.shape[-2], key.shape[-2]
     devices = mesh.shape[axis_name]
@@ -347,18 +387,20 @@ def sequence_parallel_attention(
         )
         return merge_partials(output, lse, level == top, axis_name)
 
-    mask_spec = P() if value_mask is None else _split_spec(value_mask.ndim, -1, axis_name)
+    def spec(x: jax.Array | None, core_dims: int, split: int | None) -> P:
+        return _spec(x, core_dims, split, axis_name, batch_axis, batch_shape)
+
     output = jax.shard_map(
         local,
         mesh=mesh,
         in_specs=(
-            P(),
-            _split_spec(key.ndim, -2, axis_name),
-            _split_spec(value.ndim, -2, axis_name),
-            mask_spec,
+            spec(query, 2, None),
+            spec(key, 2, -2),
+            spec(value, 2, -2),
+            spec(value_mask, 1, -1),
             P(),
         ),
-        out_specs=P(),
+        out_specs=P() if batch_axis is None else P(batch_axis),
         check_vma=False,  # the blocked kernel's loop carries are not typed per axis
     )(query, key, value, value_mask, params)
     return apply_query_mask(output, query_mask).astype(dtype)
