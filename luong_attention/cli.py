@@ -9,6 +9,7 @@ from collections.abc import Sequence
 # subcommand -> (module with add_arguments(parser) and run(args), one-line help)
 COMMANDS = {
     "demo": ("luong_attention.demo", "run the worked example"),
+    "bench": ("luong_attention.bench", "time and memory against Keras 3 and jax.nn"),
     "bench-parallel": ("luong_attention.parallel_bench", "time and memory against devices"),
 }
 

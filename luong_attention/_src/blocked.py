@@ -53,18 +53,28 @@ class _Config(NamedTuple):
     dropout_rate: float
 
 
-def default_blocks(score_mode: str, q_length: int, kv_length: int, depth: int) -> tuple[int, int]:
-    """The default ``(block_q, block_kv)`` for a problem, capped by the lengths.
+def _balanced(length: int, target: int) -> int:
+    """The smallest multiple of 8 that splits ``length`` in as many blocks as ``target`` does.
 
-    ``"dot"`` uses 512 x 1024 tiles (large batched matmuls amortise the loop); ``"concat"``
-    uses square power-of-two tiles with ``block_q * block_kv * depth <= 2**21`` elements.
+    Keeps padding small: 1500 with target 1024 gives 2 blocks of 752, not 2 of 1024.
+    """
+    n_blocks = -(-length // target)
+    block = -(-length // n_blocks)
+    return min(length, -(-block // 8) * 8)
+
+
+def default_blocks(score_mode: str, q_length: int, kv_length: int, depth: int) -> tuple[int, int]:
+    """The default ``(block_q, block_kv)`` for a problem, balanced over the lengths.
+
+    ``"dot"`` aims at 512 x 1024 tiles (large batched matmuls amortise the loop); ``"concat"``
+    at square tiles with ``block_q * block_kv * depth <= 2**21`` elements (8 MiB in f32).
     """
     if score_mode == "dot":
         block_q, block_kv = DOT_BLOCK_Q, DOT_BLOCK_KV
     else:
         side = 2 ** max(3, int(math.log2(max(1, CONCAT_TILE_ELEMENTS // max(depth, 1)))) // 2)
         block_q = block_kv = side
-    return min(block_q, q_length), min(block_kv, kv_length)
+    return _balanced(q_length, block_q), _balanced(kv_length, block_kv)
 
 
 def make_config(

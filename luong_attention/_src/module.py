@@ -12,7 +12,7 @@ import numpy as np
 from flax.typing import Dtype
 
 from luong_attention._src import checks
-from luong_attention._src.attention import ScoreMode, attention
+from luong_attention._src.attention import Implementation, ScoreMode, attention
 from luong_attention._src.scores import PrecisionLike
 
 # Keras creates its weights in this order (``build``): ``layer.get_weights()`` follows it.
@@ -40,6 +40,9 @@ class Attention(nn.Module):
         always runs in float32 or wider.
       param_dtype: dtype of ``scale`` and ``concat_score_weight``.
       precision: matmul precision.
+      implementation: ``None`` (pick by problem size), ``"xla"`` or ``"blocked"``; see
+        :func:`attention`. Not part of the Keras config: it changes speed and memory, not
+        the numbers.
 
     Example usage::
 
@@ -60,9 +63,11 @@ class Attention(nn.Module):
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
+    implementation: Implementation | None = None
 
     def __post_init__(self) -> None:
         checks.check_score_mode(self.score_mode)
+        checks.check_implementation(self.implementation)
         checks.check_rate("dropout", self.dropout)
         super().__post_init__()
 
@@ -120,6 +125,7 @@ class Attention(nn.Module):
             dropout_rng=self._dropout_rng() if rate > 0.0 else None,
             return_attention_scores=return_attention_scores,
             precision=self.precision,
+            implementation=self.implementation,
         )
 
     def _dropout_rng(self) -> jax.Array:

@@ -1,0 +1,367 @@
+"""``luong-attention bench``: time and memory of our attention against Keras 3 and jax.nn.
+
+For every row of a table of shapes (both score modes, forward and forward+grad) it checks
+that the implementations agree, then times them in this process, interleaved (one call of
+each in turn, repeated; the median is reported), and measures memory as the peak RSS growth
+of a child process running one compiled call. It writes ``bench.json`` and two plots
+(``bench_time.png``, ``bench_memory.png``) to ``--out``.
+
+Implementations: ``ours`` (:func:`luong_attention.attention` with its automatic dispatch),
+``ours-xla`` and ``ours-blocked`` (forced), ``keras`` (``keras.layers.Attention`` on the JAX
+backend, jitted; Keras is imported here only) and ``jax.nn`` (``dot_product_attention`` with
+``scale=1.0``, "dot" only).
+
+Memory, "one compiled call": the child builds the inputs, compiles the jitted function
+(``lower().compile()``), resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), runs
+the call once and reports ``VmHWM - VmRSS before the call``: everything the call allocates
+(temporaries, residuals for the gradient, outputs), but not the inputs or the compiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from luong_attention import attention, select_implementation
+
+IMPLS = ("ours", "ours-xla", "ours-blocked", "keras", "jax.nn")
+# Skip an implementation on a row when its dense [B, Tq, Tv(, dim)] intermediates would pass
+# this many bytes (the dense paths at T=65536 would need tens of GiB).
+DENSE_LIMIT_BYTES = 6 << 30
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Registers the bench's flags."""
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls per impl")
+    parser.add_argument("--no-memory", action="store_true", help="skip the child processes")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+
+
+def _rows(quick: bool) -> list[dict[str, Any]]:
+    """The benchmark table: dicts with mode, batch, length, dim, kind and tags."""
+    if quick:
+        rows = [
+            dict(mode="dot", batch=2, length=t, dim=16, kind=kind)
+            for t in (64, 256)
+            for kind in ("fwd", "grad")
+        ]
+        rows += [dict(mode="concat", batch=2, length=64, dim=16, kind="grad")]
+        return [dict(row, tags=[], memory=i == 0) for i, row in enumerate(rows)]
+    rows = [
+        dict(mode="dot", batch=1, length=t, dim=64, kind=kind, tags=[], memory=True)
+        for t in (256, 1024, 2048, 4096, 8192, 16384)
+        for kind in ("fwd", "grad")
+    ]
+    rows += [
+        dict(mode="concat", batch=1, length=t, dim=64, kind=kind, tags=[], memory=True)
+        for t in (128, 512, 1024, 2048)
+        for kind in ("fwd", "grad")
+    ]
+    rows += [
+        dict(mode="concat", batch=4, length=512, dim=128, kind="grad", tags=["concat-memory"]),
+        dict(mode="dot", batch=1, length=4096, dim=256, kind="fwd", tags=["efficiency"]),
+        dict(mode="dot", batch=1, length=65536, dim=64, kind="grad", tags=["scale"]),
+    ]
+    for row in rows:
+        row.setdefault("memory", True)
+        if row["mode"] == "dot" and row["length"] == 8192 and row["kind"] == "grad":
+            row["tags"].append("dot-memory")
+    return rows
+
+
+def _inputs(row: dict[str, Any], seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``query, key, value`` of shape ``[batch, length, dim]``, float32, unit scale."""
+    rng = np.random.default_rng(seed)
+    shape = (row["batch"], row["length"], row["dim"])
+    return tuple(jnp.asarray(rng.normal(size=shape) / math.sqrt(row["dim"]), jnp.float32)
+                 for _ in range(3))  # fmt: skip
+
+
+def _dense_bytes(row: dict[str, Any]) -> int:
+    """Bytes of one dense score tensor of the row (times ``dim`` for concat)."""
+    size = row["batch"] * row["length"] ** 2 * 4
+    return size * row["dim"] if row["mode"] == "concat" else size
+
+
+def _available(impl: str, row: dict[str, Any]) -> bool:
+    """Whether ``impl`` runs on ``row`` (jax.nn has no concat; dense paths have a size cap)."""
+    if impl == "jax.nn" and row["mode"] != "dot":
+        return False
+    if impl in ("ours-xla", "keras", "jax.nn") and 3 * _dense_bytes(row) > DENSE_LIMIT_BYTES:
+        return False
+    return not (impl == "ours-blocked" and row["length"] < 64)
+
+
+def _forward_fn(impl: str, mode: str) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """``f(query, key, value) -> output`` for one implementation (unscaled scores)."""
+    if impl.startswith("ours"):
+        implementation = {"ours": None, "ours-xla": "xla", "ours-blocked": "blocked"}[impl]
+        return lambda q, k, v: attention(q, v, k, score_mode=mode, implementation=implementation)
+    if impl == "jax.nn":
+        return lambda q, k, v: jax.nn.dot_product_attention(
+            q[:, :, None], k[:, :, None], v[:, :, None], scale=1.0
+        )[:, :, 0]
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    import keras
+
+    layer = keras.layers.Attention(score_mode=mode)
+    return lambda q, k, v: layer([q, v, k])
+
+
+def _built_keras(forward: Callable, dim: int) -> Callable:
+    """Builds the Keras layer eagerly (its weights must not be created inside a trace)."""
+    tiny = jnp.zeros((1, 2, dim), jnp.float32)
+    forward(tiny, tiny, tiny)
+    return forward
+
+
+def _compiled(impl: str, row: dict[str, Any]) -> Callable:
+    """The jitted forward, or forward+grad with respect to query, key and value."""
+    forward = _forward_fn(impl, row["mode"])
+    if impl == "keras":
+        forward = _built_keras(forward, row["dim"])
+    if row["kind"] == "fwd":
+        return jax.jit(forward)
+    # A fixed non-uniform cotangent, so no implementation can shortcut the backward pass.
+    return jax.jit(jax.grad(lambda q, k, v: (forward(q, k, v) * v[..., :1]).sum(), (0, 1, 2)))
+
+
+def _max_diff(a: Any, b: Any) -> float:
+    """The largest absolute difference between two (tuples of) arrays."""
+    leaves = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
+    return max(float(jnp.max(jnp.abs(x - y))) for x, y in leaves)
+
+
+def _time_row(row: dict[str, Any], impls: list[str], repeats: int) -> dict[str, Any]:
+    """Agreement check, then interleaved timings (median seconds) of ``impls`` on ``row``."""
+    q, k, v = _inputs(row)
+    fns = {impl: _compiled(impl, row) for impl in impls}
+    results = {impl: jax.block_until_ready(fn(q, k, v)) for impl, fn in fns.items()}
+    reference = results["ours-xla"] if "ours-xla" in results else results["ours"]
+    scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(reference))
+    agreement = {
+        impl: _max_diff(out, reference) / max(scale, 1e-30) for impl, out in results.items()
+    }
+    bad = {impl: d for impl, d in agreement.items() if not d < 1e-3}
+    if bad:
+        raise RuntimeError(f"implementations disagree on {row}: relative max diff {bad}")
+    del results
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for _ in range(repeats):
+        for impl, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(q, k, v))
+            times[impl].append(time.perf_counter() - start)
+    return {
+        "time_s": {impl: statistics.median(t) for impl, t in times.items()},
+        "agreement": agreement,
+    }
+
+
+def _child_memory(row: dict[str, Any]) -> None:
+    """In the child: one compiled call; prints its peak RSS growth and time as JSON."""
+    impl = row["impl"]
+    q, k, v = _inputs(row)
+    compiled = _compiled(impl, row).lower(q, k, v).compile()
+    jax.block_until_ready((q, k, v))
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(q, k, v))
+    seconds = time.perf_counter() - start
+    growth = (_status_kib("VmHWM") - before) * 1024
+    print(json.dumps({"rss_growth_bytes": growth, "seconds": seconds}))
+
+
+def _status_kib(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status``."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _measure_memory(row: dict[str, Any], impl: str) -> dict[str, float] | None:
+    """Runs :func:`_child_memory` in a fresh process; ``None`` if it failed."""
+    spec = json.dumps(dict(row, impl=impl))
+    proc = subprocess.run(
+        [sys.executable, "-m", "luong_attention.cli", "bench", "--child", spec],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KERAS_BACKEND": "jax"},
+        check=False,
+    )
+    if proc.returncode != 0:
+        print(f"memory child failed for {impl} {row}: {proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _matmul_gflops(repeats: int) -> float:
+    """f32 GFLOP/s of a plain jitted 2048 x 2048 matmul (median of ``repeats``)."""
+    rng = np.random.default_rng(1)
+    a, b = (jnp.asarray(rng.normal(size=(2048, 2048)), jnp.float32) for _ in range(2))
+    matmul = jax.jit(jnp.matmul)
+    jax.block_until_ready(matmul(a, b))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(matmul(a, b))
+        times.append(time.perf_counter() - start)
+    return 2 * 2048**3 / statistics.median(times) / 1e9
+
+
+def _forward_flops(row: dict[str, Any]) -> float:
+    """Matmul FLOPs of a dot forward: ``QK^T`` and ``PV``."""
+    return 4.0 * row["batch"] * row["length"] ** 2 * row["dim"]
+
+
+def _machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    cpu = platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                 if ln.startswith("model name")]  # fmt: skip
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "python": platform.python_version(),
+    }
+
+
+def _summary(rows: list[dict[str, Any]], gflops: float) -> dict[str, Any]:
+    """The issue's targets, as ratios computed from the measured rows."""
+    out: dict[str, Any] = {"matmul_gflops": gflops}
+    for row in rows:
+        times, mem = row.get("time_s", {}), row.get("memory", {})
+        peers = [times[p] for p in ("keras", "jax.nn") if p in times]
+        if "ours" in times and peers:
+            row["ratio_to_best_peer"] = times["ours"] / min(peers)
+        if "efficiency" in row["tags"] and "ours" in times:
+            out["efficiency"] = _forward_flops(row) / times["ours"] / 1e9 / gflops
+        for tag in ("dot-memory", "concat-memory"):
+            if tag in row["tags"] and mem.get("ours") and mem.get("keras"):
+                out[tag + "-keras/ours"] = mem["keras"]["rss_growth_bytes"] / max(
+                    mem["ours"]["rss_growth_bytes"], 1
+                )
+        if "scale" in row["tags"] and mem.get("ours"):
+            out["scale-rss-growth-gib"] = mem["ours"]["rss_growth_bytes"] / 2**30
+            out["scale-seconds"] = mem["ours"]["seconds"]
+    return out
+
+
+def _plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Time and memory against T (log-log), one panel per (mode, kind)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["mode"], r["kind"]) for r in rows if not r["tags"]})
+    paths = []
+    for metric, label in (("time_s", "median time [s]"), ("memory", "peak RSS growth [MiB]")):
+        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
+        for ax, (mode, kind) in zip(axes[0], panels, strict=True):
+            table = [r for r in rows if (r["mode"], r["kind"]) == (mode, kind) and not r["tags"]]
+            for impl in IMPLS:
+                points = [
+                    (r["length"], _metric_value(r, metric, impl))
+                    for r in table
+                    if _metric_value(r, metric, impl) is not None
+                ]
+                if points:
+                    ax.plot(*zip(*points, strict=True), marker="o", label=impl)
+            ax.set(xscale="log", yscale="log", xlabel="T = Tq = Tv", title=f"{mode} {kind}")
+            ax.set_ylabel(label)
+            ax.grid(True, which="both", alpha=0.3)
+        if axes[0][0].get_legend_handles_labels()[0]:
+            axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"bench_{'time' if metric == 'time_s' else 'memory'}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _metric_value(row: dict[str, Any], metric: str, impl: str) -> float | None:
+    """Seconds, or MiB of RSS growth, of ``impl`` on ``row`` (``None`` if not measured)."""
+    if metric == "time_s":
+        return row.get("time_s", {}).get(impl)
+    mem = row.get("memory", {}).get(impl)
+    return None if not mem else max(mem["rss_growth_bytes"], 1) / 2**20
+
+
+def run(args: argparse.Namespace) -> None:
+    """Runs the benchmark and writes ``bench.json`` and the plots to ``args.out``."""
+    if args.child:
+        _child_memory(json.loads(args.child))
+        return
+    from tqdm import tqdm
+
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    rows = _rows(args.quick)
+    repeats = args.repeats or (2 if args.quick else 5)
+    args.out.mkdir(parents=True, exist_ok=True)
+    gflops = _matmul_gflops(max(repeats, 5))
+    for row in tqdm(rows, desc="bench", unit="row"):
+        q, k, v = _inputs(row)
+        row["dispatch"] = select_implementation(row["mode"], q, k, v)
+        del q, k, v
+        impls = [i for i in IMPLS if _available(i, row)]
+        if "scale" in row["tags"]:
+            impls = []  # one call only, timed in the memory child
+        elif row["tags"]:
+            impls = [i for i in impls if i in ("ours", "keras", "jax.nn")]
+        row["impls"] = impls
+        if impls:
+            row.update(_time_row(row, impls, 1 if row["length"] >= 16384 else repeats))
+        wants_memory = row.pop("memory") and not args.no_memory
+        memory_impls = ["ours", "keras", "jax.nn"] if "scale" not in row["tags"] else ["ours"]
+        row["memory"] = {
+            impl: _measure_memory(row, impl)
+            for impl in memory_impls
+            if wants_memory and (impl == "ours" or impl in impls)
+        }
+    result = {"machine": _machine(), "quick": args.quick, "rows": rows}
+    result["summary"] = _summary(rows, gflops)
+    (args.out / "bench.json").write_text(json.dumps(result, indent=1))
+    paths = _plot(rows, args.out)
+    _print_table(rows, result["summary"])
+    print(f"wrote {args.out / 'bench.json'} and {', '.join(map(str, paths))}")
+
+
+def _print_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    """A Markdown table of the rows (ms and MiB) and the summary ratios."""
+    print("| mode | B | T | dim | pass | " + " | ".join(f"{i} ms" for i in IMPLS)
+          + " | ours/best peer | ours MiB | keras MiB | jax.nn MiB |")  # fmt: skip
+    print("|" + "---|" * (6 + len(IMPLS) + 3))
+    for r in rows:
+        times = [_metric_value(r, "time_s", i) for i in IMPLS]
+        mems = [_metric_value(r, "memory", i) for i in ("ours", "keras", "jax.nn")]
+        cells = [f"{1000 * t:.1f}" if t is not None else "-" for t in times]
+        cells += [f"{r['ratio_to_best_peer']:.2f}" if "ratio_to_best_peer" in r else "-"]
+        cells += [f"{m:.1f}" if m is not None else "-" for m in mems]
+        print(f"| {r['mode']} | {r['batch']} | {r['length']} | {r['dim']} | {r['kind']} | "
+              + " | ".join(cells) + " |")  # fmt: skip
+    print(json.dumps(summary, indent=1))
