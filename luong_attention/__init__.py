@@ -9,18 +9,6 @@ from luong_attention._src.attention import (
     dropout_weights,
     select_implementation,
 )
-from luong_attention._src.masks import (
-    MASK_PENALTY,
-    as_bool_mask,
-    causal_mask,
-    mask_scores,
-    score_mask,
-)
-from luong_attention._src.module import Attention, from_keras_layer
-from luong_attention._src.scores import concat_scores, dot_scores, stats_dtype
-
-# -- Luong et al. (2015) in full: scores, local attention, decoder cell, decoding (issue 5) --
-# isort: split
 from luong_attention._src.decoding import (
     BeamOutput,
     GreedyOutput,
@@ -54,40 +42,43 @@ from luong_attention._src.luong_modules import (
     init_decoder_state,
     luong_param_shapes,
 )
+from luong_attention._src.masks import (
+    MASK_PENALTY,
+    as_bool_mask,
+    causal_mask,
+    mask_scores,
+    score_mask,
+)
+from luong_attention._src.module import Attention, from_keras_layer
+from luong_attention._src.parallel import sequence_parallel_attention
+from luong_attention._src.scores import concat_scores, dot_scores, stats_dtype
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MASK_PENALTY",
-    "Attention",
-    "apply_query_mask",
-    "apply_scores",
-    "as_bool_mask",
-    "attention",
-    "blocked_attention_with_lse",
-    "causal_mask",
-    "compute_scores",
-    "concat_scores",
-    "dot_scores",
-    "dropout_weights",
-    "from_keras_layer",
-    "mask_scores",
-    "score_mask",
-    "select_implementation",
-    "stats_dtype",
-]
-
-__all__ += [
     "LUONG_MODES",
     "LUONG_SCORES",
+    "MASK_PENALTY",
+    "Attention",
     "AttentionalDecoderCell",
     "BeamOutput",
     "DecoderState",
     "GreedyOutput",
     "LuongAttention",
+    "apply_query_mask",
+    "apply_scores",
+    "as_bool_mask",
+    "attention",
     "attentional_hidden_state",
     "beam_search",
+    "blocked_attention_with_lse",
+    "causal_mask",
     "check_luong_config",
+    "compute_scores",
+    "concat_scores",
+    "dot_scores",
+    "dropout_weights",
+    "from_keras_layer",
     "gaussian_weights",
     "general_scores",
     "greedy_decode",
@@ -98,10 +89,15 @@ __all__ += [
     "luong_concat_scores",
     "luong_param_shapes",
     "luong_scores",
+    "mask_scores",
     "monotonic_positions",
     "normalised_scores",
     "predictive_positions",
+    "score_mask",
+    "select_implementation",
+    "sequence_parallel_attention",
     "source_lengths_of",
+    "stats_dtype",
     "teacher_forced_logits",
     "tile_beams",
     "window_mask",

@@ -11,6 +11,7 @@ COMMANDS = {
     "demo": ("luong_attention.demo", "train a seq2seq model with Luong attention on dates"),
     "translate": ("luong_attention.translate", "normalise a date with the demo's checkpoint"),
     "bench": ("luong_attention.bench", "time and memory against Keras 3 and jax.nn"),
+    "bench-parallel": ("luong_attention.parallel_bench", "time and memory against devices"),
 }
 
 
