@@ -234,6 +234,28 @@ def _schedule(
     return kv_stop, q_start, n_full.astype(jnp.int32)
 
 
+def _tiles(
+    cfg: _Config,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    value_mask: jax.Array | None,
+    offsets: tuple[jax.Array, jax.Array],
+) -> tuple[
+    jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None, tuple[jax.Array, ...]
+]:
+    """What forward and backward both start from: block-major ``q``/``k``/``v``
+    (``[n_blocks, B, block, ...]``), the per-key-block biases and the tile schedule."""
+    qb, kb, vb = (
+        _to_blocks(q, cfg.block_q),
+        _to_blocks(k, cfg.block_kv),
+        _to_blocks(v, cfg.block_kv),
+    )
+    n_q, n_kv = qb.shape[0], kb.shape[0]
+    biases = _key_biases(cfg, value_mask, n_kv, q.dtype)
+    return qb, kb, vb, biases, _schedule(cfg, value_mask, offsets, n_q, n_kv)
+
+
 def _forward(
     cfg: _Config,
     q: jax.Array,
@@ -250,14 +272,8 @@ def _forward(
     are ``[n_q, B, bq]``. They are kept apart because in a fully masked row ``m`` is about
     ``-1e9``, where float32 cannot hold ``m + log(denom)`` to better than 64.
     """
-    qb, kb, vb = (
-        _to_blocks(q, cfg.block_q),
-        _to_blocks(k, cfg.block_kv),
-        _to_blocks(v, cfg.block_kv),
-    )
-    n_q, n_kv = qb.shape[0], kb.shape[0]
-    biases = _key_biases(cfg, value_mask, n_kv, q.dtype)
-    kv_stop, _, _ = _schedule(cfg, value_mask, offsets, n_q, n_kv)
+    qb, kb, vb, biases, (kv_stop, _, _) = _tiles(cfg, q, k, v, value_mask, offsets)
+    n_q = qb.shape[0]
     batch, dim_v = q.shape[0], v.shape[-1]
 
     def q_block(args):
@@ -310,14 +326,8 @@ def _backward(
     adding into ``dq``. ``out``/``m``/``denom`` are block-major; ``d_out``/``d_lse`` are
     ``[B, Tq, ...]``.
     """
-    qb, kb, vb = (
-        _to_blocks(q, cfg.block_q),
-        _to_blocks(k, cfg.block_kv),
-        _to_blocks(v, cfg.block_kv),
-    )
+    qb, kb, vb, biases, (_, q_start, n_full) = _tiles(cfg, q, k, v, value_mask, offsets)
     n_q, n_kv = qb.shape[0], kb.shape[0]
-    biases = _key_biases(cfg, value_mask, n_kv, q.dtype)
-    _, q_start, n_full = _schedule(cfg, value_mask, offsets, n_q, n_kv)
     d_outb = _to_blocks(d_out, cfg.block_q)
     # d lse / d s = p, so the lse cotangent enters as a shift of the usual row term D.
     delta = (d_outb * out).sum(-1) - _to_blocks(d_lse, cfg.block_q)
