@@ -8,8 +8,12 @@ of a child process running one compiled call. It writes ``bench.json`` and two p
 
 Implementations: ``ours`` (:func:`luong_attention.attention` with its automatic dispatch),
 ``ours-xla`` and ``ours-blocked`` (forced), ``keras`` (``keras.layers.Attention`` on the JAX
-backend, jitted; Keras is imported here only) and ``jax.nn`` (``dot_product_attention`` with
-``scale=1.0``, "dot" only).
+backend, jitted; Keras is imported here only), ``jax.nn`` (``dot_product_attention`` with
+``scale=1.0``, "dot" only) and, when PyTorch is importable, ``torch``
+(``torch.nn.functional.scaled_dot_product_attention``, its hand-written C++ flash kernel on the
+CPU, "dot" only). Torch runs in a child process of its own (same inputs, same loss, its own
+medians, run before the in-process timings of the row), so its thread pool and allocator never
+share a process with XLA's; it is no dependency (``pip install torch==2.13.0`` for the CPU build).
 
 Memory, "one compiled call": the child builds the inputs, compiles the jitted function
 (``lower().compile()``), resets the kernel's peak-RSS mark (``/proc/self/clear_refs``), runs
@@ -20,6 +24,7 @@ the call once and reports ``VmHWM - VmRSS before the call``: everything the call
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -27,6 +32,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +44,9 @@ import numpy as np
 
 from luong_attention import attention, select_implementation
 
-IMPLS = ("ours", "ours-xla", "ours-blocked", "keras", "jax.nn")
+IMPLS = ("ours", "ours-xla", "ours-blocked", "keras", "jax.nn", "torch")
+# The peers of the "ours / best peer" ratio (the issue's targets); torch gets its own ratio.
+PEERS = ("keras", "jax.nn")
 # Skip an implementation on a row when its dense [B, Tq, Tv(, dim)] intermediates would pass
 # this many bytes (the dense paths at T=65536 would need tens of GiB).
 DENSE_LIMIT_BYTES = 6 << 30
@@ -51,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per impl")
     parser.add_argument("--no-memory", action="store_true", help="skip the child processes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--torch-child", help=argparse.SUPPRESS)
 
 
 def _rows(quick: bool) -> list[dict[str, Any]]:
@@ -101,7 +110,9 @@ def _dense_bytes(row: dict[str, Any]) -> int:
 
 def _available(impl: str, row: dict[str, Any]) -> bool:
     """Whether ``impl`` runs on ``row`` (jax.nn has no concat; dense paths have a size cap)."""
-    if impl == "jax.nn" and row["mode"] != "dot":
+    if impl in ("jax.nn", "torch") and row["mode"] != "dot":
+        return False
+    if impl == "torch" and importlib.util.find_spec("torch") is None:
         return False
     if impl in ("ours-xla", "keras", "jax.nn") and 3 * _dense_bytes(row) > DENSE_LIMIT_BYTES:
         return False
@@ -151,10 +162,17 @@ def _max_diff(a: Any, b: Any) -> float:
 
 
 def _time_row(row: dict[str, Any], impls: list[str], repeats: int) -> dict[str, Any]:
-    """Agreement check, then interleaved timings (median seconds) of ``impls`` on ``row``."""
+    """Agreement check, then interleaved timings (median seconds) of ``impls`` on ``row``.
+
+    ``torch`` is timed first, in its child process (:func:`_torch_child`, nothing else running);
+    its output is checked against the same reference. A failed torch child drops the column.
+    """
     q, k, v = _inputs(row)
-    fns = {impl: _compiled(impl, row) for impl in impls}
+    fns = {impl: _compiled(impl, row) for impl in impls if impl != "torch"}
     results = {impl: jax.block_until_ready(fn(q, k, v)) for impl, fn in fns.items()}
+    torch_run = _run_torch(row, repeats) if "torch" in impls else None
+    if torch_run is not None:
+        results["torch"] = torch_run.pop("result")
     reference = results["ours-xla"] if "ours-xla" in results else results["ours"]
     scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree_util.tree_leaves(reference))
     agreement = {
@@ -164,16 +182,60 @@ def _time_row(row: dict[str, Any], impls: list[str], repeats: int) -> dict[str, 
     if bad:
         raise RuntimeError(f"implementations disagree on {row}: relative max diff {bad}")
     del results
-    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    times: dict[str, list[float]] = {impl: [] for impl in fns}
     for _ in range(repeats):
         for impl, fn in fns.items():
             start = time.perf_counter()
             jax.block_until_ready(fn(q, k, v))
             times[impl].append(time.perf_counter() - start)
-    return {
-        "time_s": {impl: statistics.median(t) for impl, t in times.items()},
-        "agreement": agreement,
-    }
+    medians = {impl: statistics.median(t) for impl, t in times.items()}
+    if torch_run is not None:
+        medians["torch"] = torch_run["time_s"]
+    return {"time_s": medians, "agreement": agreement, "torch_memory": torch_run}
+
+
+def _torch_child(spec: dict[str, Any]) -> None:
+    """In the child: times torch's SDPA on the row's inputs (median of ``repeats``), measures
+    the peak RSS growth of one call, saves the output (or gradients) to ``spec["out"]``."""
+    import torch
+
+    q, k, v = (torch.from_numpy(np.asarray(x)[:, None].copy()) for x in _inputs(spec))
+    grad = spec["kind"] == "grad"
+
+    def call() -> tuple[Any, ...]:
+        qq, kk, vv = (x.detach().requires_grad_(grad) for x in (q, k, v))
+        out = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, scale=1.0)
+        if not grad:
+            return (out.detach(),)
+        return torch.autograd.grad((out * vv[..., :1]).sum(), (qq, kk, vv))
+
+    call()
+    times = []
+    for _ in range(spec["repeats"]):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status_kib("VmRSS")
+    start = time.perf_counter()
+    result = call()
+    seconds = time.perf_counter() - start
+    growth = (_status_kib("VmHWM") - before) * 1024
+    np.savez(spec["out"], *(x[:, 0].numpy() for x in result))
+    print(json.dumps({"time_s": statistics.median(times), "rss_growth_bytes": growth,
+                      "seconds": seconds}))  # fmt: skip
+
+
+def _run_torch(row: dict[str, Any], repeats: int) -> dict[str, Any] | None:
+    """Runs :func:`_torch_child`; its JSON plus ``result`` (arrays), or ``None`` on failure."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "torch.npz"
+        report = _child(dict(row, repeats=repeats, out=str(out)), "--torch-child", "torch")
+        if report is None:
+            return None
+        with np.load(out) as saved:
+            arrays = tuple(jnp.asarray(saved[f"arr_{i}"]) for i in range(len(saved.files)))
+    return dict(report, result=arrays if row["kind"] == "grad" else arrays[0])
 
 
 def _child_memory(row: dict[str, Any]) -> None:
@@ -199,20 +261,24 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _measure_memory(row: dict[str, Any], impl: str) -> dict[str, float] | None:
-    """Runs :func:`_child_memory` in a fresh process; ``None`` if it failed."""
-    spec = json.dumps(dict(row, impl=impl))
+def _child(spec: dict[str, Any], flag: str, what: str) -> dict[str, Any] | None:
+    """Runs ``luong-attention bench FLAG SPEC`` in a fresh process; its JSON, or ``None``."""
     proc = subprocess.run(
-        [sys.executable, "-m", "luong_attention.cli", "bench", "--child", spec],
+        [sys.executable, "-m", "luong_attention.cli", "bench", flag, json.dumps(spec)],
         capture_output=True,
         text=True,
         env={**os.environ, "KERAS_BACKEND": "jax"},
         check=False,
     )
     if proc.returncode != 0:
-        print(f"memory child failed for {impl} {row}: {proc.stderr[-2000:]}", file=sys.stderr)
+        print(f"{what} child failed for {spec}: {proc.stderr[-2000:]}", file=sys.stderr)
         return None
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _measure_memory(row: dict[str, Any], impl: str) -> dict[str, float] | None:
+    """Runs :func:`_child_memory` in a fresh process; ``None`` if it failed."""
+    return _child(dict(row, impl=impl), "--child", "memory")
 
 
 def _matmul_gflops(repeats: int) -> float:
@@ -256,9 +322,11 @@ def _summary(rows: list[dict[str, Any]], gflops: float) -> dict[str, Any]:
     out: dict[str, Any] = {"matmul_gflops": gflops}
     for row in rows:
         times, mem = row.get("time_s", {}), row.get("memory", {})
-        peers = [times[p] for p in ("keras", "jax.nn") if p in times]
+        peers = [times[p] for p in PEERS if p in times]
         if "ours" in times and peers:
             row["ratio_to_best_peer"] = times["ours"] / min(peers)
+        if "ours" in times and "torch" in times:
+            row["ratio_to_torch"] = times["ours"] / times["torch"]
         if "efficiency" in row["tags"] and "ours" in times:
             out["efficiency"] = _forward_flops(row) / times["ours"] / 1e9 / gflops
         for tag in ("dot-memory", "concat-memory"):
@@ -321,6 +389,9 @@ def run(args: argparse.Namespace) -> None:
     if args.child:
         _child_memory(json.loads(args.child))
         return
+    if args.torch_child:
+        _torch_child(json.loads(args.torch_child))
+        return
     from tqdm import tqdm
 
     os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -338,9 +409,12 @@ def run(args: argparse.Namespace) -> None:
         elif row["tags"]:
             impls = [i for i in impls if i in ("ours", "keras", "jax.nn")]
         row["impls"] = impls
+        torch_memory = None
         if impls:
             big = _dense_bytes(row) >= 256 << 20
             row.update(_time_row(row, impls, min(repeats, 2) if big else repeats))
+            torch_memory = row.pop("torch_memory")
+            row["impls"] = impls = [i for i in impls if i in row["time_s"]]
         if "efficiency" in row["tags"]:
             # Re-measure next to the row and keep the best: the ratio must not flatter us.
             gflops = max(gflops, _matmul_gflops(max(repeats, 5)))
@@ -351,6 +425,10 @@ def run(args: argparse.Namespace) -> None:
             for impl in memory_impls
             if wants_memory and (impl == "ours" or impl in impls)
         }
+        if wants_memory and torch_memory is not None:
+            row["memory"]["torch"] = {
+                key: torch_memory[key] for key in ("rss_growth_bytes", "seconds")
+            }
         result = {"machine": _machine(), "quick": args.quick, "rows": rows}
         result["summary"] = _summary(rows, gflops)
         (args.out / "bench.json").write_text(json.dumps(result, indent=1))  # after every row
@@ -361,14 +439,17 @@ def run(args: argparse.Namespace) -> None:
 
 def _print_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     """A Markdown table of the rows (ms and MiB) and the summary ratios."""
+    mem_impls = ("ours", "keras", "jax.nn", "torch")
     print("| mode | B | T | dim | pass | " + " | ".join(f"{i} ms" for i in IMPLS)
-          + " | ours/best peer | ours MiB | keras MiB | jax.nn MiB |")  # fmt: skip
-    print("|" + "---|" * (6 + len(IMPLS) + 3))
+          + " | ours/best peer | ours/torch | "
+          + " | ".join(f"{i} MiB" for i in mem_impls) + " |")  # fmt: skip
+    print("|" + "---|" * (5 + len(IMPLS) + 2 + len(mem_impls)))
     for r in rows:
         times = [_metric_value(r, "time_s", i) for i in IMPLS]
-        mems = [_metric_value(r, "memory", i) for i in ("ours", "keras", "jax.nn")]
+        mems = [_metric_value(r, "memory", i) for i in mem_impls]
         cells = [f"{1000 * t:.1f}" if t is not None else "-" for t in times]
-        cells += [f"{r['ratio_to_best_peer']:.2f}" if "ratio_to_best_peer" in r else "-"]
+        for ratio in ("ratio_to_best_peer", "ratio_to_torch"):
+            cells += [f"{r[ratio]:.2f}" if ratio in r else "-"]
         cells += [f"{m:.1f}" if m is not None else "-" for m in mems]
         print(f"| {r['mode']} | {r['batch']} | {r['length']} | {r['dim']} | {r['kind']} | "
               + " | ".join(cells) + " |")  # fmt: skip

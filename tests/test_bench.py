@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 from luong_attention.bench import IMPLS
 from luong_attention.cli import main
+
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
 def test_quick_bench_writes_json_and_plots(tmp_path, capsys):
@@ -24,6 +28,9 @@ def test_quick_bench_writes_json_and_plots(tmp_path, capsys):
         assert set(row["time_s"]) == set(row["impls"]) <= set(IMPLS)
         assert {"ours", "keras"} <= set(row["impls"])
         assert ("jax.nn" in row["impls"]) == (row["mode"] == "dot")
+        # torch (a child process) only where it is installed, and then on every dot row.
+        assert ("torch" in row["impls"]) == (row["mode"] == "dot" and HAVE_TORCH)
+        assert ("ratio_to_torch" in row) == ("torch" in row["impls"])
         assert all(t > 0 for t in row["time_s"].values())
         # The agreement check ran on every implementation before timing.
         assert set(row["agreement"]) == set(row["impls"])
@@ -32,6 +39,9 @@ def test_quick_bench_writes_json_and_plots(tmp_path, capsys):
     # One row gets child-process memory measurements, with a plausible RSS growth.
     measured = [r for r in rows if r["memory"]]
     assert len(measured) == 1
+    assert set(measured[0]["memory"]) == {"ours", "keras", "jax.nn"} | (
+        {"torch"} & {*measured[0]["impls"]}
+    )
     for entry in measured[0]["memory"].values():
         assert 0 <= entry["rss_growth_bytes"] < 2**30 and entry["seconds"] > 0
     assert (tmp_path / "bench_time.png").stat().st_size > 1000

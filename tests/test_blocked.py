@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from luong_attention import attention, blocked_attention_with_lse
+from luong_attention._src import blocked
 
 # All sizes distinct; lengths are not multiples of the blocks used below.
 B, TQ, TV, DIM, DIM_V = 3, 37, 29, 5, 6
@@ -254,6 +255,34 @@ def test_return_attention_scores(mode, dropout_rate):
     if dropout_rate == 0.0:
         _, ref = attention(q, v, k, implementation="xla", **kwargs)
         np.testing.assert_allclose(weights, ref, atol=1e-6)
+
+
+def test_dropout_weights_match_output_when_value_adds_batch_dims():
+    """The kernel's batch is the broadcast of every input; the returned weights must use the
+    same dropout tiles (and tile sizes) as the output when only ``value`` has the extra dim."""
+    q, k, _ = _inputs(16, batch=())
+    v = jnp.asarray(np.random.default_rng(17).normal(size=(B + 2, TV, DIM_V)), jnp.float32)
+    out, weights = attention(
+        q,
+        v,
+        k,
+        dropout_rate=0.3,
+        dropout_rng=jax.random.key(2),
+        return_attention_scores=True,
+        implementation="blocked",
+    )
+    assert weights.shape == (B + 2, TQ, TV)
+    np.testing.assert_allclose(out, np.einsum("bqk,bkv->bqv", weights, v), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("batch", "length"), [(1, 9000), (3, 5000), (40, 700)])
+def test_default_dot_tiles_fit_the_budget(batch, length):
+    block_q, block_kv = blocked.default_blocks("dot", length, length, 64, batch)
+    assert block_kv <= blocked.DOT_BLOCK_KV and block_q <= length
+    low, _ = blocked.DOT_BLOCK_Q_RANGE
+    assert batch * block_q * block_kv <= max(blocked.DOT_TILE_ELEMENTS, batch * low * block_kv)
+    # Balanced: the padding of the last block is less than one block of either kind.
+    assert -length % block_q < block_q and -length % block_kv < block_kv
 
 
 def test_dropout_statistics_and_determinism():

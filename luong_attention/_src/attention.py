@@ -21,9 +21,10 @@ ScoreMode = Literal["dot", "concat"]
 Implementation = Literal["xla", "blocked"]
 
 # The automatic choice (``implementation=None``), measured with ``luong-attention bench`` on
-# a 2-core x86 CPU (see the README's Performance section): below these sizes the dense XLA
-# path is as fast or faster; above them the blocked path wins on time and memory.
-AUTO_BLOCKED_DOT_SCORES = 1 << 21  # B * Tq * Tv
+# 2-core x86 CPUs (AMD EPYC and Intel Xeon; see the README's Performance section): below
+# these sizes the dense XLA path is as fast or faster; above them the blocked path wins on
+# time and memory.
+AUTO_BLOCKED_DOT_SCORES = 1 << 20  # B * Tq * Tv
 AUTO_BLOCKED_CONCAT_ELEMENTS = 1 << 22  # B * Tq * Tv * depth
 
 
@@ -258,7 +259,14 @@ def attention(
         weights = None
         if return_attention_scores:
             weights = _blocked_weights(
-                query, key, value_mask, use_causal_mask, dropout_rate, dropout_rng, scores_args
+                query,
+                key,
+                value_mask,
+                use_causal_mask,
+                dropout_rate,
+                dropout_rng,
+                scores_args,
+                batch_shape=output.shape[:-2],
             )
     else:
         scores = compute_scores(query, key, precision=precision, **scores_args)
@@ -314,11 +322,12 @@ def _blocked_weights(
     dropout_rate: float,
     dropout_rng: jax.Array | None,
     scores_args: dict,
+    batch_shape: tuple[int, ...],
 ) -> jax.Array:
     """The dense weights matching a blocked call's output (same dropout tiles).
 
-    ``[batch..., Tq, Tv]``: the core's masked softmax, times the blocked kernel's dropout
-    multipliers when ``dropout_rate > 0``.
+    ``[*batch_shape, Tq, Tv]`` (``batch_shape``: the output's): the core's masked softmax,
+    times the blocked kernel's dropout multipliers when ``dropout_rate > 0``.
     """
     q_length, kv_length = query.shape[-2], key.shape[-2]
     scores = compute_scores(query, key, **scores_args)
@@ -326,8 +335,10 @@ def _blocked_weights(
         value_mask, use_causal_mask=use_causal_mask, q_length=q_length, kv_length=kv_length
     )
     weights = jax.nn.softmax(mask_scores(scores, mask), axis=-1)
+    weights = jnp.broadcast_to(weights, (*batch_shape, q_length, kv_length))
     if dropout_rate == 0.0:
         return weights
+    batch = math.prod(batch_shape)
     cfg = blocked.make_config(
         scores_args["score_mode"],
         use_causal_mask,
@@ -337,9 +348,9 @@ def _blocked_weights(
         dropout_rate,
         None,
         None,
+        batch,
     )
-    batch_shape = weights.shape[:-2]
-    keep = blocked.dropout_multiplier(cfg, dropout_rng, math.prod(batch_shape))
+    keep = blocked.dropout_multiplier(cfg, dropout_rng, batch)
     return weights * keep.reshape(weights.shape)
 
 
