@@ -8,7 +8,6 @@ import json
 from luong_attention.bench import IMPLS
 from luong_attention.cli import main
 
-
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 

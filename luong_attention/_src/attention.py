@@ -25,7 +25,7 @@ Implementation = Literal["xla", "blocked"]
 # these sizes the dense XLA path is as fast or faster; above them the blocked path wins on
 # time and memory.
 AUTO_BLOCKED_DOT_SCORES = 1 << 20  # B * Tq * Tv
-AUTO_BLOCKED_CONCAT_ELEMENTS = 1 << 22  # B * Tq * Tv * depth
+AUTO_BLOCKED_CONCAT_ELEMENTS = 1 << 23  # B * Tq * Tv * depth
 
 
 def compute_scores(
