@@ -73,13 +73,16 @@ def default_blocks(
 ) -> tuple[int, int]:
     """The default ``(block_q, block_kv)`` for a problem, balanced over the lengths.
 
-    ``"dot"`` aims at ``block_kv = 512`` and the tallest ``block_q`` (a power of two in
-    ``[128, 4096]``) with ``batch * block_q * block_kv <= 2**21``: at ``batch=1`` tiles of
-    4096 x 512, which on a 2-core CPU ran the forward 10-25% faster than 512 x 1024 (few large
-    matmuls, each near peak). ``"concat"`` aims at square tiles with
+    ``"dot"``: one tile when the whole ``batch * Tq * Tv`` fits in ``2**21`` elements, else
+    ``block_kv = 512`` and the tallest ``block_q`` (a power of two in ``[128, 4096]``) with
+    ``batch * block_q * block_kv <= 2**21``: at ``batch=1`` tiles of 4096 x 512, which on a
+    2-core CPU ran the forward 10-25% faster than 512 x 1024 (few large matmuls, each near
+    peak; a single tile of 2048 x 2048, by contrast, ran 2x slower than 2048 x 512). ``"concat"`` aims at square tiles with
     ``block_q * block_kv * depth <= 2**21`` elements (8 MiB in f32).
     """
     if score_mode == "dot":
+        if batch * q_length * kv_length <= DOT_TILE_ELEMENTS:
+            return q_length, kv_length  # one tile: no loop at all (measured fastest there)
         block_kv = DOT_BLOCK_KV
         low, high = DOT_BLOCK_Q_RANGE
         fit = DOT_TILE_ELEMENTS // (max(batch, 1) * block_kv)
