@@ -354,12 +354,14 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["mode"], r["kind"]) for r in rows if not r["tags"]})
+    # The B=1, dim 64 grid: untagged rows plus the T=8192 memory and T=65536 scale rows.
+    grid = [r for r in rows if set(r["tags"]) <= {"dot-memory", "scale"}]
+    panels = sorted({(r["mode"], r["kind"]) for r in grid})
     paths = []
     for metric, label in (("time_s", "median time [s]"), ("memory", "peak RSS growth [MiB]")):
         fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
         for ax, (mode, kind) in zip(axes[0], panels, strict=True):
-            table = [r for r in rows if (r["mode"], r["kind"]) == (mode, kind) and not r["tags"]]
+            table = [r for r in grid if (r["mode"], r["kind"]) == (mode, kind)]
             for impl in IMPLS:
                 points = [
                     (r["length"], _metric_value(r, metric, impl))
@@ -367,7 +369,8 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
                     if _metric_value(r, metric, impl) is not None
                 ]
                 if points:
-                    ax.plot(*zip(*points, strict=True), marker="o", label=impl)
+                    color = f"C{IMPLS.index(impl)}"  # one colour per impl in both plots
+                    ax.plot(*zip(*points, strict=True), marker="o", label=impl, color=color)
             ax.set(xscale="log", yscale="log", xlabel="T = Tq = Tv", title=f"{mode} {kind}")
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_ylabel(label)
