@@ -24,17 +24,23 @@ def _uses_blocked(fn, *args) -> bool:
     return "custom_vjp_call" in str(jax.make_jaxpr(fn)(*args))
 
 
-def test_rule_dot_counts_batch_and_both_lengths():
+def test_rule_dot_counts_both_lengths_per_example():
     limit = core.AUTO_BLOCKED_DOT_SCORES
     assert select_implementation("dot", *_arrays((), 1024, limit // 1024, 8)) == "blocked"
     assert select_implementation("dot", *_arrays((), 1024, limit // 1024 - 1, 8)) == "xla"
-    # Batch dims multiply: the same 256 x 256 problem crosses the limit with a larger batch.
+    # A batch does not make short rows blocked (the dense gradient is faster there) ...
+    assert select_implementation("dot", *_arrays((2, 8), 256, 256, 8)) == "xla"
+    # ... a long row is blocked whatever the batch.
+    assert select_implementation("dot", *_arrays((3, 5), 2048, 512, 8)) == "blocked"
+
+
+def test_rule_dot_counts_the_whole_batch_for_memory():
+    limit = core.AUTO_BLOCKED_DOT_BATCH_SCORES
     per_example = 256 * 256
-    below = (4, limit // per_example // 4 - 1)
-    assert select_implementation("dot", *_arrays(below, 256, 256, 8)) == "xla"
-    assert select_implementation("dot", *_arrays((4, limit // per_example // 4), 256, 256, 8)) == (
-        "blocked"
-    )
+    assert per_example < core.AUTO_BLOCKED_DOT_SCORES
+    batch = limit // per_example
+    assert select_implementation("dot", *_arrays((4, batch // 4), 256, 256, 8)) == "blocked"
+    assert select_implementation("dot", *_arrays((batch - 1,), 256, 256, 8)) == "xla"
 
 
 def test_rule_concat_counts_depth():

@@ -24,7 +24,8 @@ Implementation = Literal["xla", "blocked"]
 # 2-core x86 CPUs (AMD EPYC and Intel Xeon; see the README's Performance section): below
 # these sizes the dense XLA path is as fast or faster; above them the blocked path wins on
 # time and memory.
-AUTO_BLOCKED_DOT_SCORES = 1 << 20  # B * Tq * Tv
+AUTO_BLOCKED_DOT_SCORES = 1 << 20  # Tq * Tv, per example
+AUTO_BLOCKED_DOT_BATCH_SCORES = 1 << 25  # B * Tq * Tv (128 MiB of f32 scores)
 AUTO_BLOCKED_CONCAT_ELEMENTS = 1 << 23  # B * Tq * Tv * depth
 
 
@@ -300,18 +301,28 @@ def select_implementation(
 ) -> Implementation:
     """The implementation :func:`attention` uses when given ``implementation=None``.
 
-    ``"blocked"`` once the dense path's largest intermediate gets big: ``B * Tq * Tv >=``
-    :data:`AUTO_BLOCKED_DOT_SCORES` for ``"dot"``, ``B * Tq * Tv * depth >=``
-    :data:`AUTO_BLOCKED_CONCAT_ELEMENTS` for ``"concat"`` (``B`` is the product of the batch
-    dims). ``"xla"`` below that, and always when the weights are requested (they are dense).
+    For ``"dot"``, ``"blocked"`` once each example's score matrix is large, ``Tq * Tv >=``
+    :data:`AUTO_BLOCKED_DOT_SCORES` (from about 1024 x 1024 the blocked forward and gradient
+    are the faster ones), or once the whole batch's is, ``B * Tq * Tv >=``
+    :data:`AUTO_BLOCKED_DOT_BATCH_SCORES` (many short rows: the dense gradient is faster
+    there, by up to 1.8x at T=256, but would hold several 128 MiB score tensors). For
+    ``"concat"``, ``"blocked"`` once ``B * Tq * Tv * depth >=``
+    :data:`AUTO_BLOCKED_CONCAT_ELEMENTS` (its dense gradient is slow from T of a few hundred
+    on). ``B`` is the product of the batch dims. ``"xla"`` otherwise, and always when the
+    weights are requested (they are dense).
     """
     if return_attention_scores:
         return "xla"
     batch_shape = jnp.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
-    scores = math.prod(batch_shape) * query.shape[-2] * key.shape[-2]
+    per_example = query.shape[-2] * key.shape[-2]
+    scores = math.prod(batch_shape) * per_example
     if score_mode == "concat":
-        return "blocked" if scores * query.shape[-1] >= AUTO_BLOCKED_CONCAT_ELEMENTS else "xla"
-    return "blocked" if scores >= AUTO_BLOCKED_DOT_SCORES else "xla"
+        blocked_wins = scores * query.shape[-1] >= AUTO_BLOCKED_CONCAT_ELEMENTS
+    else:
+        blocked_wins = (
+            per_example >= AUTO_BLOCKED_DOT_SCORES or scores >= AUTO_BLOCKED_DOT_BATCH_SCORES
+        )
+    return "blocked" if blocked_wins else "xla"
 
 
 def _blocked_weights(

@@ -73,7 +73,7 @@ def default_blocks(
 ) -> tuple[int, int]:
     """The default ``(block_q, block_kv)`` for a problem, balanced over the lengths.
 
-    ``"dot"``: one tile when the whole ``batch * Tq * Tv`` fits in ``2**21`` elements, else
+    ``"dot"``: one tile when ``batch == 1`` and ``Tq * Tv`` fits in ``2**21`` elements, else
     ``block_kv = 512`` and the tallest ``block_q`` (a power of two in ``[128, 4096]``) with
     ``batch * block_q * block_kv <= 2**21``: at ``batch=1`` tiles of 4096 x 512, which on a
     2-core CPU ran the forward 10-25% faster than 512 x 1024 (few large matmuls, each near
@@ -81,8 +81,10 @@ def default_blocks(
     ``block_q * block_kv * depth <= 2**21`` elements (8 MiB in f32).
     """
     if score_mode == "dot":
-        if batch * q_length * kv_length <= DOT_TILE_ELEMENTS:
-            return q_length, kv_length  # one tile: no loop at all (measured fastest there)
+        if batch == 1 and q_length * kv_length <= DOT_TILE_ELEMENTS:
+            # One tile, no loop: fastest for one example (with a batch, XLA:CPU ran the
+            # gradient of the loop-free kernel 1.7x slower than with two query blocks).
+            return q_length, kv_length
         block_kv = DOT_BLOCK_KV
         low, high = DOT_BLOCK_Q_RANGE
         fit = DOT_TILE_ELEMENTS // (max(batch, 1) * block_kv)
