@@ -87,6 +87,12 @@ def _rows(quick: bool) -> list[dict[str, Any]]:
         dict(mode="dot", batch=1, length=4096, dim=256, kind="fwd", tags=["efficiency"]),
         dict(mode="dot", batch=1, length=65536, dim=64, kind="grad", tags=["scale"]),
     ]
+    # Batches of short and of long rows: the dispatch rule's batch clause.
+    rows += [
+        dict(mode=mode, batch=batch, length=t, dim=64, kind=kind, tags=["batched"])
+        for mode, batch, t in (("dot", 16, 256), ("dot", 8, 1024), ("concat", 16, 256))
+        for kind in ("fwd", "grad")
+    ]
     for row in rows:
         row.setdefault("measure_memory", True)
         if row["mode"] == "dot" and row["length"] == 8192 and row["kind"] == "grad":
@@ -415,13 +421,16 @@ def run(args: argparse.Namespace) -> None:
         impls = [i for i in IMPLS if _available(i, row)]
         if "scale" in row["tags"]:
             impls = []  # one call only, timed in the memory child
-        elif row["tags"]:
+        elif row["tags"] and "batched" not in row["tags"]:
             impls = [i for i in impls if i in ("ours", *PEERS, "torch")]
         row["impls"] = impls
         torch_memory = None
         if impls:
-            big = _dense_bytes(row) >= 256 << 20
-            row.update(_time_row(row, impls, min(repeats, 2) if big else repeats))
+            # Fewer calls where one takes seconds, more where one takes about a millisecond
+            # (there the machine's jitter is the size of the differences between impls).
+            dense = _dense_bytes(row)
+            calls = min(repeats, 2) if dense >= 256 << 20 else repeats
+            row.update(_time_row(row, impls, 3 * calls if dense < 16 << 20 else calls))
             torch_memory = row.pop("torch_memory")
             row["impls"] = impls = [i for i in impls if i in row["time_s"]]
         if "efficiency" in row["tags"]:
