@@ -2,8 +2,8 @@
 
 For every row of a table of shapes (both score modes, forward and forward+grad) it checks
 that the implementations agree, then times them in this process, interleaved (each in turn
-an untimed then a timed call, repeated; the median is reported), and measures memory as the peak RSS growth
-of a child process running one compiled call. It writes ``bench.json`` and two plots
+an untimed then a timed call, repeated; the median is reported), and measures memory as the
+peak RSS growth of a child process running one compiled call. It writes ``bench.json`` and two plots
 (``bench_time.png``, ``bench_memory.png``) to ``--out``.
 
 Implementations: ``ours`` (:func:`luong_attention.attention` with its automatic dispatch),
@@ -201,7 +201,8 @@ def _time_row(row: dict[str, Any], impls: list[str], repeats: int) -> dict[str, 
     medians = {impl: statistics.median(t) for impl, t in times.items()}
     if torch_run is not None:
         medians["torch"] = torch_run["time_s"]
-    return {"time_s": medians, "agreement": agreement, "torch_memory": torch_run}
+    torch_memory = None if torch_run is None else torch_run["memory"]
+    return {"time_s": medians, "agreement": agreement, "torch_memory": torch_memory}
 
 
 def _torch_child(spec: dict[str, Any]) -> None:
@@ -221,12 +222,7 @@ def _torch_child(spec: dict[str, Any]) -> None:
 
     # Memory of the first call (as for the jitted calls: nothing of it is cached yet; later
     # calls reuse the allocator's cached blocks and show almost no growth).
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status_kib("VmRSS")
-    start = time.perf_counter()
-    result = call()
-    seconds = time.perf_counter() - start
-    growth = (_status_kib("VmHWM") - before) * 1024
+    result, memory = _first_call_memory(call)
     times = []
     for _ in range(spec["repeats"]):
         call()  # untimed, as in _time_row
@@ -234,8 +230,7 @@ def _torch_child(spec: dict[str, Any]) -> None:
         call()
         times.append(time.perf_counter() - start)
     np.savez(spec["out"], *(x[:, 0].numpy() for x in result))
-    print(json.dumps({"time_s": statistics.median(times), "rss_growth_bytes": growth,
-                      "seconds": seconds}))  # fmt: skip
+    print(json.dumps({"time_s": statistics.median(times), "memory": memory}))
 
 
 def _run_torch(row: dict[str, Any], repeats: int) -> dict[str, Any] | None:
@@ -256,13 +251,20 @@ def _child_memory(row: dict[str, Any]) -> None:
     q, k, v = _inputs(row)
     compiled = _compiled(impl, row).lower(q, k, v).compile()
     jax.block_until_ready((q, k, v))
+    _, memory = _first_call_memory(lambda: jax.block_until_ready(compiled(q, k, v)))
+    print(json.dumps(memory))
+
+
+def _first_call_memory(call: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+    """Runs ``call()`` once after resetting the peak-RSS mark; its result and
+    ``{"rss_growth_bytes", "seconds"}`` (peak RSS during the call minus RSS before it)."""
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_kib("VmRSS")
     start = time.perf_counter()
-    jax.block_until_ready(compiled(q, k, v))
+    result = call()
     seconds = time.perf_counter() - start
     growth = (_status_kib("VmHWM") - before) * 1024
-    print(json.dumps({"rss_growth_bytes": growth, "seconds": seconds}))
+    return result, {"rss_growth_bytes": growth, "seconds": seconds}
 
 
 def _status_kib(field: str) -> int:
@@ -444,9 +446,7 @@ def run(args: argparse.Namespace) -> None:
             if wants_memory and (impl == "ours" or impl in impls)
         }
         if wants_memory and torch_memory is not None:
-            row["memory"]["torch"] = {
-                key: torch_memory[key] for key in ("rss_growth_bytes", "seconds")
-            }
+            row["memory"]["torch"] = torch_memory
         result = {"machine": _machine(), "quick": args.quick, "rows": rows}
         result["summary"] = _summary(rows, gflops)
         (args.out / "bench.json").write_text(json.dumps(result, indent=1))  # after every row

@@ -77,8 +77,9 @@ def default_blocks(
     ``block_kv = 512`` and the tallest ``block_q`` (a power of two in ``[128, 4096]``) with
     ``batch * block_q * block_kv <= 2**21``: at ``batch=1`` tiles of 4096 x 512, which on a
     2-core CPU ran the forward 10-25% faster than 512 x 1024 (few large matmuls, each near
-    peak; a single tile of 2048 x 2048, by contrast, ran 2x slower than 2048 x 512). ``"concat"`` aims at square tiles with
-    ``block_q * block_kv * depth <= 2**21`` elements (8 MiB in f32).
+    peak; a single tile of 2048 x 2048, by contrast, ran 2x slower than 2048 x 512).
+    ``"concat"`` aims at square tiles with ``block_q * block_kv * depth <= 2**21`` elements
+    (8 MiB in f32).
     """
     if score_mode == "dot":
         if batch == 1 and q_length * kv_length <= DOT_TILE_ELEMENTS:
