@@ -290,6 +290,16 @@ def test_default_dot_tiles_fit_the_budget(batch, length):
     assert -length % block_q < block_q and -length % block_kv < block_kv
 
 
+@pytest.mark.parametrize("length", [4100, 9000, 20000])
+def test_default_causal_query_blocks_leave_tiles_to_skip(length):
+    """A causal query block spans at most a quarter of the queries (and 2048), so the key
+    blocks above the diagonal are skipped; without the mask the block stays tall."""
+    block_q, _ = blocked.default_blocks("dot", length, length, 64, 1, causal=True)
+    assert block_q <= min(length // 4 + 8, blocked.DOT_CAUSAL_BLOCK_Q_MAX)
+    tall, _ = blocked.default_blocks("dot", length, length, 64, 1)
+    assert tall > block_q
+
+
 def test_dropout_statistics_and_determinism():
     q, k, v = _inputs(12, tq=300, tv=200)
     rate = 0.25
