@@ -70,8 +70,14 @@ def _rows(quick: bool) -> list[dict[str, Any]]:
             for t in (64, 256)
             for kind in ("fwd", "grad")
         ]
-        rows += [dict(mode="concat", batch=2, length=64, dim=16, kind="grad")]
-        return [dict(row, tags=[], measure_memory=i == 0) for i, row in enumerate(rows)]
+        rows += [
+            dict(mode="concat", batch=2, length=64, dim=16, kind="grad"),
+            dict(mode="dot", batch=2, length=64, dim=16, kind="grad", causal=True),
+        ]
+        return [
+            dict(row, tags=["causal"] if row.get("causal") else [], measure_memory=i == 0)
+            for i, row in enumerate(rows)
+        ]
     rows = [
         dict(mode="dot", batch=1, length=t, dim=64, kind=kind, tags=[], measure_memory=True)
         for t in (256, 1024, 2048, 4096, 8192, 16384)
@@ -86,6 +92,12 @@ def _rows(quick: bool) -> list[dict[str, Any]]:
         dict(mode="concat", batch=4, length=512, dim=128, kind="grad", tags=["concat-memory"]),
         dict(mode="dot", batch=1, length=4096, dim=256, kind="fwd", tags=["efficiency"]),
         dict(mode="dot", batch=1, length=65536, dim=64, kind="grad", tags=["scale"]),
+    ]
+    # The causal mask (top-left aligned in every implementation, Tq == Tv).
+    rows += [
+        dict(mode="dot", batch=1, length=t, dim=64, kind=kind, causal=True, tags=["causal"])
+        for t in (4096, 8192)
+        for kind in ("fwd", "grad")
     ]
     # Batches of short and of long rows: the dispatch rule's batch clause.
     rows += [
@@ -127,20 +139,24 @@ def _available(impl: str, row: dict[str, Any]) -> bool:
     return not (impl == "ours-blocked" and row["length"] < 64)
 
 
-def _forward_fn(impl: str, mode: str) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+def _forward_fn(
+    impl: str, mode: str, causal: bool
+) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
     """``f(query, key, value) -> output`` for one implementation (unscaled scores)."""
     if impl.startswith("ours"):
         implementation = {"ours": None, "ours-xla": "xla", "ours-blocked": "blocked"}[impl]
-        return lambda q, k, v: attention(q, v, k, score_mode=mode, implementation=implementation)
+        return lambda q, k, v: attention(
+            q, v, k, score_mode=mode, use_causal_mask=causal, implementation=implementation
+        )
     if impl == "jax.nn":
         return lambda q, k, v: jax.nn.dot_product_attention(
-            q[:, :, None], k[:, :, None], v[:, :, None], scale=1.0
+            q[:, :, None], k[:, :, None], v[:, :, None], scale=1.0, is_causal=causal
         )[:, :, 0]
     os.environ.setdefault("KERAS_BACKEND", "jax")
     import keras
 
     layer = keras.layers.Attention(score_mode=mode)
-    return lambda q, k, v: layer([q, v, k])
+    return lambda q, k, v: layer([q, v, k], use_causal_mask=causal)
 
 
 def _built_keras(forward: Callable, dim: int) -> Callable:
@@ -152,7 +168,7 @@ def _built_keras(forward: Callable, dim: int) -> Callable:
 
 def _compiled(impl: str, row: dict[str, Any]) -> Callable:
     """The jitted forward, or forward+grad with respect to query, key and value."""
-    forward = _forward_fn(impl, row["mode"])
+    forward = _forward_fn(impl, row["mode"], row.get("causal", False))
     if impl == "keras":
         forward = _built_keras(forward, row["dim"])
     if row["kind"] == "fwd":
@@ -215,7 +231,9 @@ def _torch_child(spec: dict[str, Any]) -> None:
 
     def call() -> tuple[Any, ...]:
         qq, kk, vv = (x.detach().requires_grad_(grad) for x in (q, k, v))
-        out = torch.nn.functional.scaled_dot_product_attention(qq, kk, vv, scale=1.0)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qq, kk, vv, scale=1.0, is_causal=spec.get("causal", False)
+        )
         if not grad:
             return (out.detach(),)
         return torch.autograd.grad((out * vv[..., :1]).sum(), (qq, kk, vv))
@@ -423,7 +441,7 @@ def run(args: argparse.Namespace) -> None:
         impls = [i for i in IMPLS if _available(i, row)]
         if "scale" in row["tags"]:
             impls = []  # one call only, timed in the memory child
-        elif row["tags"] and "batched" not in row["tags"]:
+        elif row["tags"] and not {"batched", "causal"} & set(row["tags"]):
             impls = [i for i in impls if i in ("ours", *PEERS, "torch")]
         row["impls"] = impls
         torch_memory = None
@@ -469,6 +487,7 @@ def _print_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         for ratio in ("ratio_to_best_peer", "ratio_to_torch"):
             cells += [f"{r[ratio]:.2f}" if ratio in r else "-"]
         cells += [f"{m:.1f}" if m is not None else "-" for m in mems]
-        print(f"| {r['mode']} | {r['batch']} | {r['length']} | {r['dim']} | {r['kind']} | "
+        mode = r["mode"] + (" causal" if r.get("causal") else "")
+        print(f"| {mode} | {r['batch']} | {r['length']} | {r['dim']} | {r['kind']} | "
               + " | ".join(cells) + " |")  # fmt: skip
     print(json.dumps(summary, indent=1))

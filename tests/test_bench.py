@@ -23,6 +23,9 @@ def test_quick_bench_writes_json_and_plots(tmp_path, capsys):
         ("dot", "grad"),
         ("concat", "grad"),
     }
+    # The causal row went through every implementation's own causal mask, and they agreed.
+    (causal,) = [r for r in rows if r.get("causal")]
+    assert {"ours", "keras", "jax.nn"} <= set(causal["agreement"])
     for row in rows:
         assert set(row["time_s"]) == set(row["impls"]) <= set(IMPLS)
         assert {"ours", "keras"} <= set(row["impls"])
