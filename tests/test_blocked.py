@@ -276,14 +276,19 @@ def test_dropout_weights_match_output_when_value_adds_batch_dims():
 
 
 @pytest.mark.parametrize(
-    ("batch", "length"), [(1, 9000), (3, 5000), (40, 700), (2, 700), (1, 1200)]
+    ("batch", "length"), [(1, 9000), (3, 5000), (40, 700), (2, 700), (2, 1024), (1, 1200)]
 )
 def test_default_dot_tiles_fit_the_budget(batch, length):
     block_q, block_kv = blocked.default_blocks("dot", length, length, 64, batch)
     if batch == 1 and length * length <= blocked.DOT_TILE_ELEMENTS:
         assert (block_q, block_kv) == (length, length)  # one tile
         return
-    assert block_kv <= blocked.DOT_BLOCK_KV and block_q <= length
+    if length <= blocked.DOT_WHOLE_KV_MAX:
+        assert block_kv == length  # all keys in one block, and never a single tile
+        assert block_q <= length // 2
+    else:
+        assert block_kv <= blocked.DOT_BLOCK_KV
+    assert block_q <= length
     low, _ = blocked.DOT_BLOCK_Q_RANGE
     assert batch * block_q * block_kv <= max(blocked.DOT_TILE_ELEMENTS, batch * low * block_kv)
     # Balanced: the padding of the last block is less than one block of either kind.

@@ -41,6 +41,7 @@ _PAD_PENALTY = 1.0e30
 # make few, large matmuls, which XLA:CPU runs near its peak. "concat" keeps its
 # [block_q, block_kv, depth] tanh tile at CONCAT_TILE_ELEMENTS.
 DOT_BLOCK_KV = 512
+DOT_WHOLE_KV_MAX = 1024  # up to this many keys, one key block holds them all
 DOT_BLOCK_Q_RANGE = (128, 4096)
 # Under the causal mask a query block skips the key blocks above the diagonal; tall blocks
 # skip little (one 4096-query block skips nothing), so causal query blocks stay at most a
@@ -82,26 +83,30 @@ def default_blocks(
 ) -> tuple[int, int]:
     """The default ``(block_q, block_kv)`` for a problem, balanced over the lengths.
 
-    ``"dot"``: one tile when ``batch == 1`` and ``Tq * Tv`` fits in ``2**21`` elements, else
-    ``block_kv = 512`` and the tallest ``block_q`` (a power of two in ``[128, 4096]``) with
-    ``batch * block_q * block_kv <= 2**21``: at ``batch=1`` tiles of 4096 x 512, which on a
-    2-core CPU ran the forward 10-25% faster than 512 x 1024 (few large matmuls, each near
-    peak; a single tile of 2048 x 2048, by contrast, ran 2x slower than 2048 x 512). With
-    ``causal``, ``block_q`` is also at most ``Tq / 4`` (a power of two) and 2048, so that
-    whole tiles above the diagonal are skipped (at T=4096 the gradient took 59 ms with
-    1024-query blocks against 99 ms with one 4096-query block). ``"concat"`` aims at square
-    tiles with ``block_q * block_kv * depth <= 2**21`` elements (8 MiB in f32).
+    ``"dot"``: one tile when ``batch == 1`` and ``Tq * Tv`` fits in ``2**21`` elements. Else
+    ``block_kv = 512`` (or all keys in one block when ``Tv <= 1024``: batches of 8-16 rows of
+    1024 ran the gradient 10-25% faster than with 512-key blocks) and the tallest
+    ``block_q`` (a power of two in ``[128, 4096]``) with ``batch * block_q * block_kv <=
+    2**21``: at ``batch=1`` tiles of 4096 x 512, which on a 2-core CPU ran the forward 10-25%
+    faster than 512 x 1024 (few large matmuls, each near peak; a single tile of 2048 x 2048,
+    by contrast, ran 2x slower than 2048 x 512). With ``causal``, ``block_q`` is also at most
+    ``Tq / 4`` (a power of two) and 2048, so that whole tiles above the diagonal are skipped
+    (at T=4096 the gradient took 59 ms with 1024-query blocks against 99 ms with one
+    4096-query block). ``"concat"`` aims at square tiles with
+    ``block_q * block_kv * depth <= 2**21`` elements (8 MiB in f32).
     """
     if score_mode == "dot":
         if batch == 1 and q_length * kv_length <= DOT_TILE_ELEMENTS:
-            # One tile, no loop: fastest for one example (with a batch, XLA:CPU ran the
-            # gradient of the loop-free kernel 1.7x slower than with two query blocks).
+            # One tile, no loop: fastest for one example. Not for a batch: XLA:CPU ran the
+            # loop-free kernel's gradient 1.6-1.7x slower there than with two query blocks.
             return q_length, kv_length
-        block_kv = DOT_BLOCK_KV
+        block_kv = kv_length if kv_length <= DOT_WHOLE_KV_MAX else DOT_BLOCK_KV
         low, high = DOT_BLOCK_Q_RANGE
         fit = DOT_TILE_ELEMENTS // (max(batch, 1) * block_kv)
         if causal:
             fit = min(fit, q_length // 4, DOT_CAUSAL_BLOCK_Q_MAX)
+        elif block_kv == kv_length:
+            fit = min(fit, q_length // 2)  # never one loop-free tile for a batch (see above)
         block_q = min(high, max(low, 2 ** int(math.log2(max(fit, 1)))))
     else:
         side = 2 ** max(3, int(math.log2(max(1, CONCAT_TILE_ELEMENTS // max(depth, 1)))) // 2)
