@@ -1,10 +1,10 @@
 """``flax.nnx`` counterparts of the Luong modules: ``from luong_attention import nnx as lnnx``.
 
 Kept out of ``luong_attention/__init__`` so that importing the package does not import
-``flax.nnx``.
+``flax.nnx``. :class:`DecoderState` is the same carry as :mod:`luong_attention.luong`'s.
 """
 
-from luong_attention._src.luong_modules import DecoderState
-from luong_attention._src.nnx_modules import AttentionalDecoderCell, LuongAttention
+from luong_attention._src.functional.luong_cell import DecoderState
+from luong_attention._src.modules.nnx_luong import AttentionalDecoderCell, LuongAttention
 
 __all__ = ["AttentionalDecoderCell", "DecoderState", "LuongAttention"]

@@ -1,0 +1,406 @@
+"""Sequence-parallel attention: keys and values split over a mesh axis with ``shard_map``.
+
+Every device on the axis holds all queries and one contiguous slice of the keys, values and
+value mask. It computes the attention of all queries over its slice with the blocked kernel
+(a *partial result*: the normalised output and the log of its softmax denominator), and the
+partial results are merged exactly with their logsumexp, so the merged output equals
+:func:`attention` on one device.
+
+Shapes follow the legend in :mod:`luong_attention._src.primitives.scores`; ``shard_length`` (Ts) is the
+number of keys on one device.
+
+Fully masked rows need care. Keras fills masked scores with ``score - 1e9``; a row whose keys
+are *all* masked then gets the softmax of those filled scores (about the mean of the values).
+In float32 a logsumexp near ``-1e9`` is rounded to a multiple of 64, which would lose the
+weight of each slice. So every row of a partial result has a *level*:
+
+* 2: the slice has a key the row may attend to (the usual case);
+* 1: the slice only has keys the row masks;
+* 0: the slice only has padding keys (added to make ``kv_length`` divisible by the devices).
+
+The merge keeps, per row, only the slices at the highest level over the axis: padding never
+counts, and masked keys only count when the row has nothing else, exactly as in the core.
+Rows at level 1 everywhere (fully masked in the whole sequence) get their partial results
+from :func:`fully_masked_partial`, which adds the penalty back so their logsumexp is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+from jax.typing import ArrayLike
+
+from luong_attention._src.functional.attention import (
+    ScoreMode,
+    apply_query_mask,
+    apply_scores,
+    blocked_attention_with_lse,
+    compute_scores,
+    validate_attention_args,
+)
+from luong_attention._src.primitives.masks import MASK_PENALTY, as_bool_mask, mask_scores
+from luong_attention._src.primitives.scores import stats_dtype
+
+# Row levels of a partial result (see the module docstring).
+PADDING_ONLY, MASKED_ONLY, VISIBLE = 0, 1, 2
+# Score entries (times depth for "concat") per chunk of the fully-masked-row path: 4 MiB.
+CHUNK_ELEMENTS = 1 << 20
+
+
+def pad_length(x: jax.Array, axis: int, length: int, fill: bool | float = 0) -> jax.Array:
+    """Pads ``x`` at the end of ``axis`` with ``fill`` up to ``length`` entries."""
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, length - x.shape[axis])
+    return jnp.pad(x, widths, constant_values=fill)
+
+
+def row_levels(
+    value_mask: jax.Array | None,
+    *,
+    use_causal_mask: bool,
+    q_length: int,
+    shard_length: int,
+    kv_offset: ArrayLike,
+    kv_length: int,
+) -> jax.Array:
+    """Each query's level in one slice: ``VISIBLE``, ``MASKED_ONLY`` or ``PADDING_ONLY``.
+
+    Costs ``O(q_length + shard_length)`` per batch row: a query sees a key of the slice iff
+    the slice's first unmasked real key exists (and, with the causal mask, is at a global
+    position ``<=`` the query's).
+
+    Args:
+      value_mask: the slice's ``[batch..., shard_length]`` value mask, or ``None``.
+      use_causal_mask: whether the causal mask (in global positions) applies.
+      q_length: Tq; shard_length: Ts.
+      kv_offset: global position of the slice's first key (may be traced).
+      kv_length: the global number of real keys; later positions are padding.
+
+    Returns:
+      int32 ``[batch..., q_length]`` (the mask's batch dims; none without a mask).
+    """
+    positions = kv_offset + jnp.arange(shard_length)
+    real = positions < kv_length
+    value_mask = as_bool_mask(value_mask)
+    open_keys = real if value_mask is None else jnp.logical_and(real, value_mask)
+    never = jnp.iinfo(jnp.int32).max
+    first = jnp.min(jnp.where(open_keys, positions, never), axis=-1)[..., None]
+    visible = first <= jnp.arange(q_length) if use_causal_mask else first < never
+    visible = jnp.broadcast_to(visible, (*first.shape[:-1], q_length))
+    fallback = jnp.where(jnp.any(real), MASKED_ONLY, PADDING_ONLY)
+    return jnp.where(visible, VISIBLE, fallback).astype(jnp.int32)
+
+
+def map_query_chunks(
+    fn: Callable[[jax.Array], tuple[jax.Array, jax.Array]], query: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    """Runs ``fn`` on ``chunk`` queries at a time (``lax.map``), recomputed in the backward pass.
+
+    Args:
+      fn: maps ``[batch..., chunk, depth]`` to ``(out [batch..., chunk, value_depth],
+        lse [batch..., chunk])``.
+      query: ``[batch..., q_length, depth]``; chunk: queries per step.
+
+    Returns:
+      ``(out [batch..., q_length, value_depth], lse [batch..., q_length])``.
+    """
+    q_length, depth = query.shape[-2:]
+    chunks = -(-q_length // chunk)
+    query = pad_length(query, -2, chunks * chunk)
+    query = jnp.moveaxis(query.reshape(*query.shape[:-2], chunks, chunk, depth), -3, 0)
+    out, lse = jax.lax.map(jax.checkpoint(fn), query)
+    out = jnp.moveaxis(out, 0, -3)
+    out = out.reshape(*out.shape[:-3], chunks * chunk, out.shape[-1])[..., :q_length, :]
+    lse = jnp.moveaxis(lse, 0, -2)
+    return out, lse.reshape(*lse.shape[:-2], chunks * chunk)[..., :q_length]
+
+
+def fully_masked_partial(
+    query: jax.Array,
+    value: jax.Array,
+    key: jax.Array,
+    *,
+    real: jax.Array,
+    score_mode: ScoreMode,
+    scale: ArrayLike | None,
+    concat_score_weight: ArrayLike | None,
+) -> tuple[jax.Array, jax.Array]:
+    """The exact partial result of rows that see no key of the slice.
+
+    Every real key of such a row is masked, so the core's softmax sees ``score - 1e9`` for
+    all of them. Adding the penalty back is exact (the filled score is a multiple of the
+    float32 spacing near ``1e9``), which keeps the logsumexp representable; padding keys get
+    ``-1e9`` instead, so they never count. Other rows' results are meaningless. The scores
+    are built for a chunk of queries at a time (at most :data:`CHUNK_ELEMENTS` entries).
+
+    Args:
+      query: ``[batch..., q_length, depth]``; key: ``[batch..., shard_length, depth]``.
+      value: ``[batch..., shard_length, value_depth]`` in float32 (or wider).
+      real: bool ``[shard_length]``, ``False`` at padding keys.
+      score_mode, scale, concat_score_weight: as in :func:`attention`.
+
+    Returns:
+      ``(output [batch..., q_length, value_depth], lse [batch..., q_length])``.
+    """
+
+    def chunk_partial(query: jax.Array) -> tuple[jax.Array, jax.Array]:
+        scores = compute_scores(
+            query, key, score_mode=score_mode, scale=scale, concat_score_weight=concat_score_weight
+        )
+        penalty = jnp.asarray(MASK_PENALTY, scores.dtype)
+        # The barrier stops XLA from folding ``(s - 1e9) + 1e9`` back into ``s``.
+        filled = jax.lax.optimization_barrier(mask_scores(scores, jnp.zeros((), bool))) + penalty
+        filled = jnp.where(real, filled, -penalty)
+        output, _ = apply_scores(filled, value)
+        return output, jax.nn.logsumexp(filled, axis=-1)
+
+    per_query = key.shape[-2] * (key.shape[-1] if score_mode == "concat" else 1)
+    chunk = max(1, min(query.shape[-2], CHUNK_ELEMENTS // per_query))
+    return map_query_chunks(chunk_partial, query, chunk)
+
+
+def shard_partial(
+    query: jax.Array,
+    value: jax.Array,
+    key: jax.Array,
+    *,
+    value_mask: jax.Array | None,
+    use_causal_mask: bool,
+    kv_offset: ArrayLike,
+    kv_length: int,
+    fully_masked: jax.Array | None,
+    score_mode: ScoreMode,
+    scale: ArrayLike | None,
+    concat_score_weight: ArrayLike | None,
+) -> tuple[jax.Array, jax.Array]:
+    """The partial result of all queries over one slice of keys (inside ``shard_map``).
+
+    Runs the blocked kernel (:func:`blocked_attention_with_lse`, padding keys masked). Its
+    logsumexp is only float32-exact for rows with a visible key, so if some query is
+    ``fully_masked`` (sees no key in the whole sequence), those rows are recomputed by
+    :func:`fully_masked_partial`, under a ``lax.cond`` that skips it otherwise.
+
+    Args:
+      query: ``[batch..., q_length, depth]``; key: ``[batch..., shard_length, depth]``.
+      value: ``[batch..., shard_length, value_depth]`` in float32 (or wider).
+      value_mask: ``[batch..., shard_length]``, ``False`` at padding keys (``None`` only
+        when there is neither a mask nor padding).
+      use_causal_mask: causal mask in global positions (queries start at 0).
+      kv_offset: global position of the slice's first key; kv_length: real keys overall.
+      fully_masked: bool ``[batch..., q_length]``, the queries that see no key at all;
+        ``None`` when there can be none (no value mask), which skips the check.
+      score_mode, scale, concat_score_weight: as in :func:`attention`.
+
+    Returns:
+      ``(output [batch..., q_length, value_depth], lse [batch..., q_length])`` in float32.
+    """
+    real = kv_offset + jnp.arange(key.shape[-2]) < kv_length
+    params = {"score_mode": score_mode, "scale": scale, "concat_score_weight": concat_score_weight}
+    output, lse = blocked_attention_with_lse(
+        query,
+        value,
+        key,
+        value_mask=value_mask,
+        use_causal_mask=use_causal_mask,
+        kv_offset=kv_offset,
+        **params,
+    )
+
+    def exact_fully_masked_rows() -> tuple[jax.Array, jax.Array]:
+        exact_output, exact_lse = fully_masked_partial(query, value, key, real=real, **params)
+        return (
+            jnp.where(fully_masked[..., None], exact_output, output),
+            jnp.where(fully_masked, exact_lse, lse),
+        )
+
+    if fully_masked is None:
+        return output, lse
+    return jax.lax.cond(jnp.any(fully_masked), exact_fully_masked_rows, lambda: (output, lse))
+
+
+def merge_partials(output: jax.Array, lse: jax.Array, use: jax.Array, axis_name: str) -> jax.Array:
+    """Merges the partial results of all slices on ``axis_name`` (inside ``shard_map``).
+
+    Each row is the average of the used slices' outputs weighted by their softmax
+    denominators, ``exp(lse - max lse)``.
+
+    Args:
+      output: ``[batch..., q_length, value_depth]``; lse: ``[batch..., q_length]``.
+      use: bool ``[batch..., q_length]``, whether this slice counts for the row (some slice
+        must count for every row).
+      axis_name: the mesh axis the keys are split over.
+
+    Returns:
+      The merged output ``[batch..., q_length, value_depth]``, the same on every device.
+    """
+    # The shift only keeps exp() in range; it cancels exactly, so no gradient flows into it.
+    shift = jax.lax.pmax(jax.lax.stop_gradient(jnp.where(use, lse, -jnp.inf)), axis_name)
+    # Double where: unused slices get weight 0 and a zero (not NaN) gradient.
+    weight = jnp.where(use, jnp.exp(jnp.where(use, lse - shift, 0.0)), 0.0)
+    total = jax.lax.psum(weight, axis_name)
+    return jax.lax.psum(weight[..., None] * output, axis_name) / total[..., None]
+
+
+def _spec(
+    x: jax.Array | None,
+    core_dims: int,
+    split: int | None,
+    axis_name: str,
+    batch_axis: str | None,
+    batch_shape: tuple[int, ...],
+) -> P:
+    """The PartitionSpec of one input of :func:`sequence_parallel_attention`.
+
+    Dimension ``split`` (negative, or ``None``) goes over ``axis_name``; the first batch dim
+    goes over ``batch_axis`` when ``x`` has it in full (inputs that broadcast over it, with a
+    size-1 or missing dim, are replicated instead).
+    """
+    if x is None:
+        return P()
+    spec = [None] * x.ndim
+    if split is not None:
+        spec[split] = axis_name
+    full_batch = x.ndim - core_dims == len(batch_shape) and x.shape[:1] == batch_shape[:1]
+    if batch_axis is not None and full_batch:
+        spec[0] = batch_axis
+    return P(*spec)
+
+
+def _check_axes(
+    mesh: Mesh, axis_name: str, batch_axis: str | None, batch_shape: tuple[int, ...]
+) -> None:
+    """Raises ``ValueError`` for axes the mesh lacks or a batch that does not divide."""
+    for name, axis in (("axis_name", axis_name), ("batch_axis", batch_axis)):
+        if axis is not None and axis not in mesh.axis_names:
+            raise ValueError(
+                f"{name} must be one of the mesh's axes {mesh.axis_names}. "
+                f"Received: {name}={axis!r}"
+            )
+    if batch_axis is None:
+        return
+    if batch_axis == axis_name or not batch_shape or batch_shape[0] % mesh.shape[batch_axis]:
+        raise ValueError(
+            f"batch_axis must differ from axis_name, and the first batch dim must divide by its "
+            f"{mesh.shape[batch_axis]} devices. Received: batch_axis={batch_axis!r}, "
+            f"axis_name={axis_name!r}, batch dims {batch_shape}"
+        )
+
+
+def sequence_parallel_attention(
+    query: ArrayLike,
+    value: ArrayLike,
+    key: ArrayLike | None = None,
+    *,
+    mesh: Mesh,
+    axis_name: str,
+    query_mask: ArrayLike | None = None,
+    value_mask: ArrayLike | None = None,
+    use_causal_mask: bool = False,
+    score_mode: ScoreMode = "dot",
+    scale: ArrayLike | None = None,
+    concat_score_weight: ArrayLike | None = None,
+    batch_axis: str | None = None,
+) -> jax.Array:
+    """:func:`attention` with the keys, values and value mask split over a mesh axis.
+
+    Each device on ``mesh.axis_names[axis_name]`` holds ``ceil(kv_length / n)`` keys (the last
+    ones padded; padding never changes the result) and all queries; the partial results are
+    merged with their logsumexp (:func:`merge_partials`). The result equals :func:`attention`
+    up to float rounding, fully masked rows included, and is differentiable with respect to
+    ``query``, ``key``, ``value``, ``scale`` and ``concat_score_weight``. With ``batch_axis``
+    the first batch dim is split over that mesh axis too (data parallel); other mesh axes
+    replicate the computation. Works eagerly and under ``jax.jit``, on one host or many
+    (after ``jax.distributed.initialize``).
+
+    Args:
+      query: ``[batch..., q_length, depth]`` (replicated on every device).
+      value: ``[batch..., kv_length, value_depth]``.
+      key: ``[batch..., kv_length, depth]``; ``None`` uses ``value``.
+      mesh: the device mesh; axis_name: the axis to split the keys over.
+      batch_axis: an optional second mesh axis to split the first batch dim over.
+      query_mask, value_mask, use_causal_mask, score_mode, scale, concat_score_weight: as in
+        :func:`attention` (causal in global positions: query ``i`` sees keys ``j <= i``).
+
+    Returns:
+      ``[batch..., q_length, value_depth]`` in the inputs' dtype, replicated over the mesh
+      (split over ``batch_axis`` along the first batch dim, if given).
+
+    Raises:
+      ValueError, TypeError: for bad arguments, axes the mesh does not have, or a first
+        batch dim that does not divide by the ``batch_axis`` devices.
+    """
+    query, value, key, query_mask, value_mask = validate_attention_args(
+        query,
+        value,
+        key,
+        query_mask,
+        value_mask,
+        score_mode=score_mode,
+        concat_score_weight=concat_score_weight,
+        dropout_rate=0.0,
+        dropout_rng=None,
+    )
+    batch_shape = tuple(jnp.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
+    _check_axes(mesh, axis_name, batch_axis, batch_shape)
+    dtype = jnp.result_type(query, key, value)
+    q_length, kv_length = query.shape[-2], key.shape[-2]
+    devices = mesh.shape[axis_name]
+    shard_length = -(-kv_length // devices)
+    padded = shard_length * devices
+    key = pad_length(key, -2, padded)
+    value = pad_length(value.astype(stats_dtype(dtype)), -2, padded)
+    # Without a value mask every query sees key 0, so no row can be fully masked.
+    user_mask = value_mask
+    if value_mask is not None:
+        value_mask = pad_length(as_bool_mask(value_mask), -1, padded, False)
+    elif padded > kv_length:
+        value_mask = jnp.arange(padded) < kv_length  # padding keys are masked keys to the kernel
+    params = {"scale": scale, "concat_score_weight": concat_score_weight}
+
+    def local(query, key, value, value_mask, params):
+        kv_offset = jax.lax.axis_index(axis_name) * shard_length
+        level = row_levels(
+            value_mask,
+            use_causal_mask=use_causal_mask,
+            q_length=q_length,
+            shard_length=shard_length,
+            kv_offset=kv_offset,
+            kv_length=kv_length,
+        )
+        # Per row, only the slices at the highest level count (see the module docstring).
+        top = jax.lax.pmax(level, axis_name)
+        output, lse = shard_partial(
+            query,
+            value,
+            key,
+            value_mask=value_mask,
+            use_causal_mask=use_causal_mask,
+            kv_offset=kv_offset,
+            kv_length=kv_length,
+            fully_masked=None if user_mask is None else top == MASKED_ONLY,
+            score_mode=score_mode,
+            **params,
+        )
+        return merge_partials(output, lse, level == top, axis_name)
+
+    def spec(x: jax.Array | None, core_dims: int, split: int | None) -> P:
+        return _spec(x, core_dims, split, axis_name, batch_axis, batch_shape)
+
+    output = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(
+            spec(query, 2, None),
+            spec(key, 2, -2),
+            spec(value, 2, -2),
+            spec(value_mask, 1, -1),
+            P(),
+        ),
+        out_specs=P() if batch_axis is None else P(batch_axis),
+        check_vma=False,  # the blocked kernel's loop carries are not typed per axis
+    )(query, key, value, value_mask, params)
+    return apply_query_mask(output, query_mask).astype(dtype)

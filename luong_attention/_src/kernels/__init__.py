@@ -1,0 +1,1 @@
+"""The blocked (online-softmax) attention kernel with its flash backward."""

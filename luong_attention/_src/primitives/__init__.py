@@ -1,0 +1,1 @@
+"""Scores, masks and argument checks: the building blocks every layer above uses."""

@@ -1,0 +1,1 @@
+"""Helpers shared by every test folder: independent references and input builders."""

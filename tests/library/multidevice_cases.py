@@ -1,0 +1,223 @@
+"""Cases that need 8 host devices; run by tests/library/test_parallel.py in a child pytest.
+
+Not collected on its own (the name does not start with ``test_``): the parent sets
+``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before JAX starts, so the rest of the
+suite keeps one device. The single-device core :func:`luong_attention.attention` (checked
+against Keras in its own tests) is the reference.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import luong_attention as la
+from luong_attention._src.functional import parallel
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def test_has_eight_devices():
+    assert jax.device_count() == 8, jax.devices()
+
+
+def _mesh(devices: int, name: str = "sp") -> Mesh:
+    return Mesh(np.array(jax.devices()[:devices]), (name,))
+
+
+def _inputs(batch, q_length, kv_length, depth, value_depth, seed=0, spread=1.0):
+    rng = np.random.default_rng(seed)
+    query = (spread * rng.normal(size=(*batch, q_length, depth))).astype(np.float32)
+    key = rng.normal(size=(*batch, kv_length, depth)).astype(np.float32)
+    value = rng.normal(size=(*batch, kv_length, value_depth)).astype(np.float32)
+    return query, key, value
+
+
+def _masks(batch, q_length, kv_length, seed=1):
+    """Random masks with one fully masked value row and one masked query."""
+    rng = np.random.default_rng(seed)
+    value_mask = rng.random((*batch, kv_length)) > 0.4
+    value_mask[0] = False  # every query of batch row 0 sees no key at all
+    value_mask[-1, :3] = False  # with causal: the first 3 queries of the last row see nothing
+    value_mask[-1, 3] = True
+    query_mask = rng.random((*batch, q_length)) > 0.2
+    return query_mask, value_mask
+
+
+def _loss_and_grads(fn, query, key, value, scale, weight, kwargs, cotangent):
+    """Output and gradients wrt (query, key, value, scale, concat_score_weight), jitted."""
+
+    def loss(query, key, value, scale, weight):
+        extra = {"concat_score_weight": weight} if kwargs["score_mode"] == "concat" else {}
+        out = fn(query, value, key, scale=scale, **extra, **kwargs)
+        return jnp.sum(out * cotangent), out
+
+    grads, out = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4), has_aux=True))(
+        query, key, value, scale, weight
+    )
+    return out, grads
+
+
+# (devices, score_mode, masks, causal, kv_length): every mode with masks and causal, even and
+# uneven kv_length (11 keys on 4 or 8 devices pads 1 or 5 keys, the latter with shards of
+# padding only), meshes of 2, 4 and 8 devices.
+SP_CASES = [
+    (2, "dot", False, False, 12),
+    (4, "dot", True, False, 11),
+    (8, "dot", True, True, 11),
+    (2, "concat", True, True, 11),
+    (4, "concat", False, True, 12),
+    (8, "concat", True, False, 11),
+]
+
+
+@pytest.mark.parametrize(("devices", "score_mode", "masked", "causal", "kv_length"), SP_CASES)
+def test_sequence_parallel_matches_core(devices, score_mode, masked, causal, kv_length):
+    batch, q_length, depth, value_depth = (3,), 7, 5, 6
+    query, key, value = _inputs(batch, q_length, kv_length, depth, value_depth)
+    kwargs = {"score_mode": score_mode, "use_causal_mask": causal}
+    if masked:
+        kwargs["query_mask"], kwargs["value_mask"] = _masks(batch, q_length, kv_length)
+    cotangent = np.random.default_rng(2).normal(size=(*batch, q_length, value_depth))
+    mesh = _mesh(devices)
+
+    def parallel(*args, **kw):
+        return la.sequence_parallel_attention(*args, mesh=mesh, axis_name="sp", **kw)
+
+    scale, weight = np.float32(0.7), np.float32(1.3)
+    out, grads = _loss_and_grads(parallel, query, key, value, scale, weight, kwargs, cotangent)
+    ref_out, ref_grads = _loss_and_grads(
+        la.attention, query, key, value, scale, weight, kwargs, cotangent
+    )
+    np.testing.assert_allclose(out, ref_out, **TOL)
+    for name, got, want in zip(
+        ("query", "key", "value", "scale", "weight"), grads, ref_grads, strict=True
+    ):
+        assert np.all(np.isfinite(got)), name
+        np.testing.assert_allclose(got, want, **TOL, err_msg=name)
+    if score_mode == "dot":  # concat_score_weight is unused there
+        assert float(grads[4]) == 0.0
+
+
+def test_fully_masked_rows_in_query_chunks(monkeypatch):
+    """The fully-masked-row path in chunks of 2 queries (7 queries: the last chunk padded)."""
+    per_query = 3 * 5  # concat: shard_length 3 (11 keys on 4 devices) times depth 5
+    monkeypatch.setattr(parallel, "CHUNK_ELEMENTS", 2 * per_query)
+    test_sequence_parallel_matches_core(4, "concat", True, True, 11)
+
+
+def test_fully_masked_rows_with_large_scores_keep_keras_fill():
+    """Scores of +-100: the core's ``score - 1e9`` rounds them to multiples of 64, so a fully
+    masked row is not a plain mean; the merge must reproduce that, and padding must not count."""
+    batch, q_length, kv_length, depth, value_depth = (2,), 3, 13, 4, 5
+    query, key, value = _inputs(batch, q_length, kv_length, depth, value_depth, spread=40.0)
+    value_mask = np.ones((*batch, kv_length), bool)
+    value_mask[1] = False
+    mesh = _mesh(4)
+    out = jax.jit(
+        lambda q, v, k, vm: la.sequence_parallel_attention(
+            q, v, k, mesh=mesh, axis_name="sp", value_mask=vm
+        )
+    )(query, value, key, value_mask)
+    ref = la.attention(query, value, key, value_mask=value_mask)
+    assert np.abs(ref[1] - value[1].mean(0)).max() > 1e-2  # really not the plain mean
+    np.testing.assert_allclose(out, ref, **TOL)
+
+
+def test_unbatched_key_defaults_to_value_and_jit_with_sharded_inputs():
+    mesh = _mesh(4)
+    query, _, value = _inputs((), 6, 8, 5, 5)
+    value = jax.device_put(value, NamedSharding(mesh, P("sp", None)))  # already split
+    fn = jax.jit(lambda q, v: la.sequence_parallel_attention(q, v, mesh=mesh, axis_name="sp"))
+    out = fn(query, value)
+    np.testing.assert_allclose(out, la.attention(query, value), **TOL)
+    assert out.shape == (6, 5)
+
+
+def test_data_and_sequence_parallel_on_a_2x4_mesh():
+    """batch_axis: batch split over "data" (2), keys over "sp" (4); the key has no batch dim
+    and is replicated over "data". Outputs and gradients equal the core's."""
+    batch, q_length, kv_length, depth, value_depth = (4,), 7, 10, 5, 6
+    query, _, value = _inputs(batch, q_length, kv_length, depth, value_depth)
+    key = np.random.default_rng(3).normal(size=(kv_length, depth)).astype(np.float32)
+    query_mask, value_mask = _masks(batch, q_length, kv_length)
+    kwargs = {"score_mode": "dot", "use_causal_mask": True}
+    kwargs |= {"query_mask": query_mask, "value_mask": value_mask}
+    cotangent = np.random.default_rng(2).normal(size=(*batch, q_length, value_depth))
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "sp"))
+
+    def parallel(*args, **kw):
+        return la.sequence_parallel_attention(
+            *args, mesh=mesh, axis_name="sp", batch_axis="data", **kw
+        )
+
+    scale, weight = np.float32(0.7), np.float32(1.3)
+    out, grads = _loss_and_grads(parallel, query, key, value, scale, weight, kwargs, cotangent)
+    ref_out, ref_grads = _loss_and_grads(
+        la.attention, query, key, value, scale, weight, kwargs, cotangent
+    )
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), out.ndim)
+    np.testing.assert_allclose(out, ref_out, **TOL)
+    for got, want in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_batch_axis_must_divide_the_batch():
+    query, key, value = _inputs((3,), 4, 5, 6, 7)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "sp"))
+    with pytest.raises(ValueError, match="batch_axis must differ from axis_name"):
+        la.sequence_parallel_attention(
+            query, value, key, mesh=mesh, axis_name="sp", batch_axis="data"
+        )
+
+
+def test_bad_axis_name_is_a_value_error():
+    query, key, value = _inputs((2,), 3, 4, 5, 6)
+    with pytest.raises(ValueError, match="axis_name must be one of the mesh's axes"):
+        la.sequence_parallel_attention(query, value, key, mesh=_mesh(2), axis_name="seq")
+
+
+@pytest.mark.parametrize("score_mode", ["dot", "concat"])
+def test_data_parallel_batch_sharded_matches_single_device(score_mode):
+    """attention and the module unchanged on inputs sharded over the batch with NamedSharding."""
+    batch, q_length, kv_length, depth, value_depth = (8,), 5, 7, 3, 4
+    query, key, value = _inputs(batch, q_length, kv_length, depth, value_depth)
+    query_mask, value_mask = _masks(batch, q_length, kv_length)
+    mesh = _mesh(8, "data")
+    shard = NamedSharding(mesh, P("data"))
+    sharded = [jax.device_put(x, shard) for x in (query, value, key, query_mask, value_mask)]
+
+    def fn(q, v, k, qm, vm):
+        return la.attention(q, v, k, query_mask=qm, value_mask=vm, score_mode=score_mode)
+
+    out = jax.jit(fn)(*sharded)
+    assert out.sharding.is_equivalent_to(shard, out.ndim)
+    np.testing.assert_allclose(out, fn(query, value, key, query_mask, value_mask), **TOL)
+
+    module = la.Attention(use_scale=True, score_mode=score_mode)
+    variables = module.init(jax.random.key(0), [query, value, key])
+    apply = jax.jit(lambda v, q, val, k, qm, vm: module.apply(v, [q, val, k], mask=[qm, vm]))
+    out = apply(variables, *sharded)
+    assert out.sharding.is_equivalent_to(shard, out.ndim)
+    ref = module.apply(variables, [query, value, key], mask=[query_mask, value_mask])
+    np.testing.assert_allclose(out, ref, **TOL)
+
+
+def test_bfloat16_keeps_dtype_and_matches_core():
+    """Half-precision inputs: float32 statistics inside, output in bfloat16, as the core."""
+    query, key, value = (x.astype(jnp.bfloat16) for x in _inputs((2,), 6, 10, 5, 3))
+    _, value_mask = _masks((2,), 6, 10)
+    kwargs = {"value_mask": value_mask, "use_causal_mask": True}
+    mesh = _mesh(4)
+    out = jax.jit(
+        lambda q, v, k: la.sequence_parallel_attention(q, v, k, mesh=mesh, axis_name="sp", **kwargs)
+    )(query, value, key)
+    ref = la.attention(query, value, key, **kwargs)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=2e-2, atol=2e-2
+    )

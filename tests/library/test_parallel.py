@@ -1,0 +1,122 @@
+"""Multiple devices: data parallel, sequence parallel and a two-process ``jax.distributed`` run.
+
+The multi-device cases need several devices, which a CPU only offers when
+``XLA_FLAGS=--xla_force_host_platform_device_count`` is set before JAX starts. So they run in
+child processes, and the rest of the suite keeps its single device.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import multihost_worker
+import numpy as np
+import pytest
+
+import luong_attention as la
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+TIMEOUT_S = 240
+
+
+def _child_env(devices: int) -> dict[str, str]:
+    """The environment of a child: CPU with ``devices`` host devices, this checkout first."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def _report(what: str, output: str) -> str:
+    return f"{what}\n----- child output (last 6000 chars) -----\n{output[-6000:]}"
+
+
+def test_multidevice_cases_on_eight_host_devices():
+    """Runs tests/library/multidevice_cases.py (data and sequence parallel) on 8 host devices."""
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    command.append(str(HERE / "multidevice_cases.py"))
+    try:
+        done = subprocess.run(
+            command,
+            cwd=ROOT,
+            env=_child_env(8),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(_report(f"timed out after {TIMEOUT_S}s", str(err.stdout or "")))
+    assert done.returncode == 0, _report(
+        f"child pytest exited with {done.returncode}", done.stdout + done.stderr
+    )
+    assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_processes(count: int, out_dir: Path) -> None:
+    """Starts ``count`` workers joined over 127.0.0.1 and waits; fails with their output."""
+    port = _free_port()
+    script = str(HERE / "multihost_worker.py")
+    workers = [
+        subprocess.Popen(
+            [sys.executable, script, str(index), str(count), str(port), str(out_dir)],
+            cwd=ROOT,
+            env=_child_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(count)
+    ]
+    outputs, failed = [], False
+    for index, worker in enumerate(workers):
+        try:
+            output, _ = worker.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for other in workers:
+                other.kill()
+            output, _ = worker.communicate()
+            failed = True
+        failed = failed or worker.returncode != 0
+        outputs.append(f"[process {index}, exit {worker.returncode}]\n{output}")
+    if failed:
+        pytest.fail(_report("a distributed worker failed", "\n".join(outputs)))
+
+
+def test_two_processes_over_loopback_agree_with_one_process(tmp_path):
+    """Two jax.distributed processes with 2 CPU devices each (a 4-device mesh) give the
+    single-process, single-device result: outputs and gradients, both score modes."""
+    _run_processes(2, tmp_path)
+    arrays = multihost_worker.inputs()
+    results = [np.load(tmp_path / f"process_{index}.npz") for index in range(2)]
+    for result in results:
+        assert int(result["devices"]) == 4
+        for score_mode in multihost_worker.SCORE_MODES:
+            loss = multihost_worker.loss(la.attention, score_mode)
+            grads, out = jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(
+                arrays["query"],
+                arrays["key"],
+                arrays["value"],
+                jnp.float32(0.7),
+                arrays["value_mask"],
+                arrays["cotangent"],
+            )
+            for name, want in zip(
+                ("out", "query", "key", "value", "scale"), (out, *grads), strict=True
+            ):
+                got = result[f"{score_mode}_{name}"]
+                np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)

@@ -1,0 +1,51 @@
+"""``luong-attention bench --quick`` runs and writes a complete, consistent JSON report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+from luong_attention.tools.bench import IMPLS
+from luong_attention.tools.cli import main
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
+
+
+def test_quick_bench_writes_json_and_plots(tmp_path, capsys):
+    main(["bench", "--quick", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["quick"] is True
+    assert report["machine"]["cores"] >= 1
+    assert report["summary"]["matmul_gflops"] > 0
+    rows = report["rows"]
+    assert {(r["mode"], r["kind"]) for r in rows} == {
+        ("dot", "fwd"),
+        ("dot", "grad"),
+        ("concat", "grad"),
+    }
+    # The causal row went through every implementation's own causal mask, and they agreed.
+    (causal,) = [r for r in rows if r.get("causal")]
+    assert {"ours", "keras", "jax.nn"} <= set(causal["agreement"])
+    for row in rows:
+        assert set(row["time_s"]) == set(row["impls"]) <= set(IMPLS)
+        assert {"ours", "keras"} <= set(row["impls"])
+        assert ("jax.nn" in row["impls"]) == (row["mode"] == "dot")
+        # torch (a child process) only where it is installed, and then on every dot row.
+        assert ("torch" in row["impls"]) == (row["mode"] == "dot" and HAVE_TORCH)
+        assert ("ratio_to_torch" in row) == ("torch" in row["impls"])
+        assert all(t > 0 for t in row["time_s"].values())
+        # The agreement check ran on every implementation before timing.
+        assert set(row["agreement"]) == set(row["impls"])
+        assert all(d < 1e-3 for d in row["agreement"].values())
+        assert row["ratio_to_best_peer"] > 0
+    # One row gets child-process memory measurements, with a plausible RSS growth.
+    measured = [r for r in rows if r["memory"]]
+    assert len(measured) == 1
+    assert set(measured[0]["memory"]) == {"ours", "keras", "jax.nn"} | (
+        {"torch"} & {*measured[0]["impls"]}
+    )
+    for entry in measured[0]["memory"].values():
+        assert 0 <= entry["rss_growth_bytes"] < 2**30 and entry["seconds"] > 0
+    assert (tmp_path / "bench_time.png").stat().st_size > 1000
+    assert (tmp_path / "bench_memory.png").stat().st_size > 1000
+    assert "| dot | 2 | 64 |" in capsys.readouterr().out
