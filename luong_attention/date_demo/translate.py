@@ -82,7 +82,7 @@ class Translation:
             "min_char_prob": round(self.least_sure, 6),
             "low_confidence": self.least_sure < LOW_CONFIDENCE,
             "unknown_characters": self.unknown,
-            "alignment": np.round(self.weights, 4).tolist(),
+            "alignment": np.round(self.weights.astype(np.float64), 4).tolist(),
         }
 
 
