@@ -5,6 +5,10 @@
 imported). This is the only public module that imports Keras.
 """
 
-from luong_attention._src.modules.keras_layer import Attention, example_classifier
+from luong_attention._src.modules.keras_layer import (
+    Attention,
+    example_classifier,
+    swap_attention,
+)
 
-__all__ = ["Attention", "example_classifier"]
+__all__ = ["Attention", "example_classifier", "swap_attention"]

@@ -38,15 +38,15 @@ class Attention(keras.layers.Attention):
     * bad shapes raise ``ValueError`` naming the argument instead of an XLA error.
 
     The class is registered as ``"luong_attention>Attention"``: a ``.keras`` file saved with
-    it loads back once ``luong_attention.keras`` is imported. A file saved with the plain
-    layer loads with this one in its place through
-    ``keras.models.load_model(path, custom_objects={"Attention": Attention})``.
+    it loads back once ``luong_attention.keras`` is imported. A model saved with the plain
+    layer loads as it was saved (Keras resolves its own layers before ``custom_objects``);
+    :func:`swap_attention` then puts this layer in its place.
 
     Example usage::
 
       >>> import numpy as np
       >>> from luong_attention.keras import Attention
-      >>> layer = Attention(use_scale=True)
+      >>> layer = Attention(use_scale=True, name="attention")
       >>> query, value = np.ones((2, 3, 4), "float32"), np.ones((2, 5, 4), "float32")
       >>> output, weights = layer([query, value], return_attention_scores=True)
       >>> tuple(output.shape), tuple(weights.shape), [w.path for w in layer.weights]
@@ -106,6 +106,32 @@ class Attention(keras.layers.Attention):
             dropout_rng=self.seed_generator.next() if rate > 0.0 else None,
             return_attention_scores=return_attention_scores,
         )
+
+
+def swap_attention(model: keras.Model) -> keras.Model:
+    """A copy of ``model`` with :class:`Attention` in place of every ``keras.layers.Attention``.
+
+    For a model built or loaded with the plain layer, e.g. from a ``.keras`` file:
+    ``swap_attention(keras.models.load_model(path))``. The copy has the same configs and
+    weights, so the same predictions; compile it again to train it. Works for functional and
+    ``Sequential`` models (``keras.models.clone_model``), not for subclassed ones.
+
+    Example usage::
+
+      >>> import keras
+      >>> from luong_attention.keras import example_classifier, swap_attention
+      >>> plain = example_classifier(attention_layer=keras.layers.Attention)
+      >>> type(swap_attention(plain).layers[2])
+      <class 'luong_attention._src.modules.keras_layer.Attention'>
+    """
+
+    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
+        cls = Attention if type(layer) is keras.layers.Attention else type(layer)
+        return cls.from_config(layer.get_config())
+
+    swapped = keras.models.clone_model(model, clone_function=clone)
+    swapped.set_weights(model.get_weights())
+    return swapped
 
 
 def example_classifier(
