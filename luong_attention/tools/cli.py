@@ -18,6 +18,7 @@ COMMANDS = {
     ),
     "bench": ("luong_attention.tools.bench", "time and memory against Keras 3 and jax.nn"),
     "bench-parallel": ("luong_attention.tools.bench_parallel", "time and memory against devices"),
+    "bench-keras": ("luong_attention.tools.bench_keras", "a Keras training step: ours vs plain"),
 }
 
 
