@@ -13,6 +13,7 @@ from typing import Any
 import keras
 
 from luong_attention._src.functional.attention import attention
+from luong_attention._src.primitives import checks
 
 # Keras's registry key is "<package>>Attention", distinct from Keras's own "Attention".
 _PACKAGE = "luong_attention"
@@ -83,10 +84,9 @@ class Attention(keras.layers.Attention):
                 return_attention_scores=return_attention_scores,
                 use_causal_mask=use_causal_mask,
             )
-        self._validate_inputs(inputs=inputs, mask=mask)
-        query, value = inputs[0], inputs[1]
-        key = inputs[2] if len(inputs) > 2 else None
-        query_mask, value_mask = (mask[0], mask[1]) if mask else (None, None)
+        self._validate_inputs(inputs=inputs, mask=mask)  # Keras's checks and messages
+        query, value, key = checks.unpack_inputs(inputs)
+        query_mask, value_mask = checks.unpack_mask(mask)
         rate = self.dropout if training else 0.0
         return attention(
             query,
