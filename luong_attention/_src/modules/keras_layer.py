@@ -27,8 +27,10 @@ class Attention(keras.layers.Attention):
     call signature, masks (``compute_mask`` passes the query mask on) and dtype policies. On the
     JAX backend the call is one :func:`~luong_attention.attention` call, which switches to the
     blocked path (memory linear in the lengths, no ``[Tq, Tv]`` score matrix) when
-    :func:`~luong_attention.select_implementation` says so, e.g. from ``Tq * Tv >= 2**20``; on
-    any other backend the call is Keras's own.
+    :func:`~luong_attention.select_implementation` says so (for ``"dot"``, from
+    ``Tq * Tv >= 2**20`` per example) and the weights are not requested
+    (``return_attention_scores`` needs the dense ``[Tq, Tv]`` weights). On any other backend
+    the call is Keras's own.
 
     The numbers are Keras's (up to float32 rounding) with these intended differences:
 
