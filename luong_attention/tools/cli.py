@@ -28,6 +28,7 @@ COMMANDS = {
     ),
     "bench": ("luong_attention.tools.bench", "time and memory against Keras 3 and jax.nn"),
     "bench-parallel": ("luong_attention.tools.bench_parallel", "time and memory against devices"),
+    "bench-keras": ("luong_attention.tools.bench_keras", "a Keras training step: ours vs plain"),
 }
 
 # subcommand -> example command lines shown at the end of its --help
@@ -44,6 +45,10 @@ EXAMPLES = {
     "bench": [
         "luong-attention bench --quick --out /tmp/bench   # a few seconds",
         "luong-attention bench --out docs                 # the full table (minutes)",
+    ],
+    "bench-keras": [
+        "luong-attention bench-keras --quick --out /tmp/bench   # T=1024, seconds",
+        "luong-attention bench-keras --out docs                 # T=8192 and 32768 (minutes)",
     ],
     "bench-parallel": [
         "luong-attention bench-parallel --quick --devices 1 2",
