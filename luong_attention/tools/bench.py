@@ -506,9 +506,14 @@ def run(args: argparse.Namespace) -> None:
     os.environ.setdefault("KERAS_BACKEND", "jax")
     rows = _rows(args.quick)
     if args.only:
-        rows = [row for row in rows if args.only in row["tags"]]
-        if not rows:
+        chosen = [row for row in rows if args.only in row["tags"]]
+        if not chosen:
             raise SystemExit(f"bench: no row is tagged {args.only!r}")
+        # Half-precision rows bring their float32 twins: the speed-up is a same-run ratio.
+        twins = {_shape_key(row) for row in chosen if row["dtype"] != "float32"}
+        rows = [
+            r for r in rows if r in chosen or (r["dtype"] == "float32" and _shape_key(r) in twins)
+        ]
     repeats = args.repeats or (2 if args.quick else 5)
     args.out.mkdir(parents=True, exist_ok=True)
     gflops = _matmul_gflops(max(repeats, 5))

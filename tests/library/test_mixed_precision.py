@@ -253,3 +253,23 @@ def test_float32_operands_are_the_default_only_where_the_cpu_lacks_units():
         assert scores.resolve_matmul_dtype(jnp.dtype(name)) == expected
     with pytest.raises(TypeError, match="matmul_dtype"):
         scores.resolve_matmul_dtype(jnp.float32, jnp.int8)
+
+
+def test_module_with_bfloat16_dtype_runs_low_precision_matmuls():
+    """``Attention(dtype=bfloat16)`` with float32 parameters: bfloat16 output, the matmuls
+    on bfloat16 operands when asked, and the same numbers as the functional call."""
+    q, k, v = _inputs(jnp.float32)
+    layer = la.Attention(use_scale=True, dtype=jnp.bfloat16, matmul_dtype=jnp.bfloat16)
+    variables = layer.init(jax.random.key(0), [q, v, k])
+    assert variables["params"]["scale"].dtype == jnp.float32
+    out = layer.apply(variables, [q, v, k])
+    assert out.dtype == jnp.bfloat16
+    expected = la.attention(
+        *(x.astype(jnp.bfloat16) for x in (q, v, k)), scale=1.0, matmul_dtype=jnp.bfloat16
+    )
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
+    text = jax.jit(layer.apply).lower(variables, [q, v, k]).as_text()
+    assert any(
+        "dot_general" in line and line.split("->")[0].count("xbf16>") == 2
+        for line in text.splitlines()
+    )
