@@ -112,7 +112,9 @@ def _rows(quick: bool) -> list[dict[str, Any]]:
     # Mixed precision: half-precision inputs (the matmul operand dtype follows the machine,
     # see resolve_matmul_dtype), against Keras under the same dtype policy and torch.
     rows += [
-        dict(mode="dot", batch=batch, length=t, dim=64, kind=kind, dtype=dtype, tags=[dtype])
+        dict(
+            mode="dot", batch=batch, length=t, dim=64, kind=kind, dtype=dtype, tags=[dtype, "half"]
+        )
         for dtype, shapes in (
             ("bfloat16", ((1, 4096), (1, 8192), (8, 512), (8, 1024))),
             ("float16", ((1, 4096),)),
