@@ -37,6 +37,9 @@ class Attention(nn.Module):
       implementation: ``None`` (pick by problem size), ``"xla"`` or ``"blocked"``; see
         :func:`attention`. Not part of the Keras config: it changes speed and memory, not
         the numbers.
+      matmul_dtype: operand dtype of the attention matmuls (``None``: ``dtype``'s, or
+        float32 for bfloat16/float16 on a CPU without matrix units for them); see
+        :func:`attention`. Not part of the Keras config either.
 
     Example usage::
 
@@ -58,6 +61,7 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
     implementation: Implementation | None = None
+    matmul_dtype: Dtype | None = None
 
     def __post_init__(self) -> None:
         checks.check_score_mode(self.score_mode)
@@ -120,6 +124,7 @@ class Attention(nn.Module):
             return_attention_scores=return_attention_scores,
             precision=self.precision,
             implementation=self.implementation,
+            matmul_dtype=self.matmul_dtype,
         )
 
     def _dropout_rng(self) -> jax.Array:
