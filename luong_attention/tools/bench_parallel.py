@@ -1,16 +1,26 @@
-"""``luong-attention bench-parallel``: time and per-device memory against the number of devices.
+"""``luong-attention bench-parallel``: per-device memory, communication and time against devices.
 
-For each device count ``n`` a child process starts JAX with ``n`` devices (``n`` forced host
-devices on CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=n``), splits the keys of one
-long sequence over them with :func:`sequence_parallel_attention` and reports:
+For each strategy and device count ``n`` a child process starts JAX with ``n`` devices (``n``
+forced host devices on CPU, ``XLA_FLAGS=--xla_force_host_platform_device_count=n``), splits one
+long sequence over them with :func:`sequence_parallel_attention` (query, key and value given
+split along the sequence) and reports:
 
 * ``device MiB``: XLA's own count of one device's buffers in the compiled forward+grad program
   (``memory_analysis()``: arguments + outputs + temporaries, per device, as every device runs
-  the same program);
-* ``process RSS MiB``: the child's peak resident memory growth during its first compiled
-  forward+grad call (Linux ``/proc``). Forced
-  host devices all live in that one process, so this is the total over all ``n`` devices;
-* the median wall time of the forward call and of the forward+grad call.
+  the same program), and its ratio to the same strategy on one device;
+* the bytes each device sends per ring step, read from the compiled HLO (the
+  ``collective-permute`` ops inside loops, forward and backward apart), next to the ring
+  formula ``B * (T / n) * (depth + value_depth) * 4`` per step forward (K and V) and twice that
+  backward (K, V, dK, dV); and the bytes of the other collectives (``all-reduce``,
+  ``all-gather``), run once per call;
+* unless ``--memory-only``: the child's peak resident memory growth during its first compiled
+  forward+grad call (Linux ``/proc``; forced host devices all live in that one process, so this
+  is the total over all ``n`` devices) and the median wall time of the forward call and of the
+  forward+grad call.
+
+``--memory-only`` compiles without running (inputs are abstract ``ShapeDtypeStruct``s), which is
+how ``--length 1048576`` is checked. ``--balance`` prints the causal score work of each device
+under the contiguous and zigzag ring layouts (:func:`ring_score_work`).
 
 Forced host devices share the machine's CPU cores, so their times show the cost of splitting
 and merging, not a speed-up; on separate accelerators each device does ``1/n`` of the work.
@@ -21,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -29,6 +40,18 @@ import time
 import numpy as np
 
 MIB = 2**20
+STRATEGIES = {
+    "replicated": ("replicated", "contiguous"),
+    "ring": ("ring", "contiguous"),
+    "ring-zigzag": ("ring", "zigzag"),
+}
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4}
+DTYPE_BYTES |= {"f64": 8, "s64": 8, "u64": 8}
+_COLLECTIVE = re.compile(
+    r"=\s*(.*?)\s(collective-permute|all-reduce|all-gather|all-to-all|reduce-scatter)"
+    r"(?:-start)?\("
+)
+_SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,12 +59,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--length", type=int, default=8192, help="Tq = Tv")
     parser.add_argument("--depth", type=int, default=64, help="query/key/value depth")
     parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument(
+        "--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES)
+    )
+    parser.add_argument(
+        "--memory-only", action="store_true", help="compile only: memory and communication"
+    )
+    parser.add_argument(
+        "--balance", action="store_true", help="also print the causal work per device"
+    )
     parser.add_argument("--score-mode", choices=["dot", "concat"], default="dot")
     parser.add_argument("--value-mask", action="store_true", help="mask the last tenth of the keys")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
     parser.add_argument("--quick", action="store_true", help="length 2048, 1 repeat")
     parser.add_argument("--json", type=str, default=None, help="also write the rows here")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-strategy", default="ring", help=argparse.SUPPRESS)
 
 
 def _timed(fn, args, repeats: int) -> float:
@@ -81,23 +114,63 @@ def _rss_growth(fn, args) -> int:
     return _status_bytes("VmHWM") - before
 
 
+def collective_bytes(hlo: str) -> dict[str, float]:
+    """Bytes one device sends, by kind, read from a compiled program's HLO text.
+
+    ``collective-permute`` ops inside a ``while`` body run once per ring step; they are summed
+    per step, forward and backward (``transpose`` in the op's name) apart. Every other
+    collective (and a permute outside a loop) is counted once per call.
+
+    Returns:
+      ``{"fwd_step": ..., "bwd_step": ..., "once": ...}`` in bytes.
+    """
+    bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
+    totals = {"fwd_step": 0.0, "bwd_step": 0.0, "once": 0.0}
+    computation = ""
+    for line in hlo.splitlines():
+        if line.endswith("{") and not line.startswith(" "):
+            computation = line.removeprefix("ENTRY ").split()[0].lstrip("%")
+            continue
+        found = _COLLECTIVE.search(line)
+        if found is None:
+            continue
+        size = 0
+        for dtype, dims in _SHAPE.findall(found.group(1)):
+            count = 1
+            for dim in filter(None, dims.split(",")):
+                count *= int(dim)
+            size += count * DTYPE_BYTES.get(dtype, 4)
+        if found.group(2) == "collective-permute" and computation in bodies:
+            totals["bwd_step" if "transpose(" in line else "fwd_step"] += size
+        else:
+            totals["once"] += size
+    return totals
+
+
 def measure(
-    devices: int, length: int, depth: int, score_mode: str, repeats: int, value_mask: bool
+    devices: int,
+    length: int,
+    depth: int,
+    score_mode: str,
+    repeats: int,
+    value_mask: bool,
+    strategy: str = "ring",
+    memory_only: bool = False,
 ) -> dict:
     """One row of the table, measured in this process on its first ``devices`` devices."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import Mesh
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from luong_attention import sequence_parallel_attention
+    from luong_attention import sequence_parallel_attention, to_zigzag
 
     mesh = Mesh(np.array(jax.devices()[:devices]), ("sp",))
-    rng = np.random.default_rng(0)
-    query, key, value = (
-        jnp.asarray(rng.normal(size=(1, length, depth)).astype(np.float32)) for _ in range(3)
-    )
-
+    split = NamedSharding(mesh, P(None, "sp", None))
+    kind, layout = STRATEGIES[strategy]
     mask = jnp.arange(length) < length - length // 10 if value_mask else None
+    if mask is not None and layout == "zigzag":
+        mask = to_zigzag(mask, devices, axis=-1)
 
     def forward(query, key, value):
         return sequence_parallel_attention(
@@ -109,14 +182,25 @@ def measure(
             value_mask=mask,
             use_causal_mask=True,
             score_mode=score_mode,
+            strategy=kind,
+            layout=layout,
         )
 
     def loss(query, key, value):
         return jnp.sum(forward(query, key, value))
 
-    forward_fn = jax.jit(forward)
     grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    compiled = grad_fn.lower(query, key, value).compile()
+    if memory_only:
+        inputs = [
+            jax.ShapeDtypeStruct((1, length, depth), jnp.float32, sharding=split) for _ in range(3)
+        ]
+    else:
+        rng = np.random.default_rng(0)
+        inputs = [
+            jax.device_put(rng.normal(size=(1, length, depth)).astype(np.float32), split)
+            for _ in range(3)
+        ]
+    compiled = grad_fn.lower(*inputs).compile()
     analysis = compiled.memory_analysis()
     device_bytes = (
         analysis.argument_size_in_bytes
@@ -124,22 +208,31 @@ def measure(
         + analysis.temp_size_in_bytes
         - analysis.alias_size_in_bytes
     )
-    rss_growth = _rss_growth(compiled, (query, key, value))
-    return {
+    sent = collective_bytes(compiled.as_text())
+    shard = -(-length // devices)
+    row = {
+        "strategy": strategy,
         "devices": devices,
         "length": length,
         "depth": depth,
         "score_mode": score_mode,
         "value_mask": value_mask,
         "device_mib": device_bytes / MIB,
-        "process_rss_mib": rss_growth / MIB,
-        "forward_ms": 1e3 * _timed(forward_fn, (query, key, value), repeats),
-        "grad_ms": 1e3 * _timed(compiled, (query, key, value), repeats),
+        "permute_fwd_step_mib": sent["fwd_step"] / MIB,
+        "permute_bwd_step_mib": sent["bwd_step"] / MIB,
+        "ring_formula_fwd_step_mib": (shard * 2 * depth * 4 if devices > 1 else 0) / MIB,
+        "other_collectives_mib": sent["once"] / MIB,
     }
+    if not memory_only:
+        rss_growth = _rss_growth(compiled, inputs)
+        row["process_rss_mib"] = rss_growth / MIB
+        row["forward_ms"] = 1e3 * _timed(jax.jit(forward), inputs, repeats)
+        row["grad_ms"] = 1e3 * _timed(compiled, inputs, repeats)
+    return row
 
 
-def _run_child(devices: int, args: argparse.Namespace) -> dict:
-    """Measures one device count in a fresh process started with that many devices."""
+def _run_child(devices: int, strategy: str, args: argparse.Namespace) -> dict:
+    """Measures one strategy and device count in a fresh process with that many devices."""
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env.setdefault("JAX_PLATFORMS", "cpu")
@@ -149,10 +242,13 @@ def _run_child(devices: int, args: argparse.Namespace) -> dict:
         "luong_attention.tools.bench_parallel",
         "--child",
         str(devices),
+        "--child-strategy",
+        strategy,
     ]
     command += ["--length", str(args.length), "--depth", str(args.depth)]
     command += ["--score-mode", args.score_mode, "--repeats", str(args.repeats)]
     command += ["--value-mask"] if args.value_mask else []
+    command += ["--memory-only"] if args.memory_only else []
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the {devices}-device child failed:\n{done.stdout}{done.stderr}")
@@ -160,27 +256,64 @@ def _run_child(devices: int, args: argparse.Namespace) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The rows as a Markdown table."""
-    lines = [
-        "| devices | device MiB (XLA, fwd+grad) | process RSS growth MiB | forward ms | "
-        "fwd+grad ms |",
-        "|---:|---:|---:|---:|---:|",
-    ]
+    """The rows as a Markdown table (ratios against the same strategy's first row)."""
+    timed = "forward_ms" in rows[0]
+    header = (
+        "| strategy | devices | device MiB (XLA, fwd+grad) | of 1 device | sent per step "
+        "fwd / bwd MiB (HLO) | ring formula fwd / bwd MiB | other collectives MiB |"
+    )
+    header += " process RSS growth MiB | forward ms | fwd+grad ms |" if timed else ""
+    lines = [header, "|---|" + "---:|" * (header.count("|") - 2)]
+    first: dict[str, float] = {}
     for row in rows:
-        lines.append(
-            f"| {row['devices']} | {row['device_mib']:.1f} | {row['process_rss_mib']:.1f} | "
-            f"{row['forward_ms']:.1f} | {row['grad_ms']:.1f} |"
+        base = first.setdefault(row["strategy"], row["device_mib"])
+        formula = row["ring_formula_fwd_step_mib"] if row["strategy"] != "replicated" else 0.0
+        line = (
+            f"| {row['strategy']} | {row['devices']} | {row['device_mib']:.1f} | "
+            f"{row['device_mib'] / base:.3f} | {row['permute_fwd_step_mib']:.2f} / "
+            f"{row['permute_bwd_step_mib']:.2f} | {formula:.2f} / {2 * formula:.2f} | "
+            f"{row['other_collectives_mib']:.2f} |"
         )
+        if timed:
+            line += (
+                f" {row['process_rss_mib']:.1f} | {row['forward_ms']:.1f} | {row['grad_ms']:.1f} |"
+            )
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def format_balance(length: int, devices: list[int]) -> str:
+    """The causal score work per device, contiguous and zigzag ring layouts (a table)."""
+    from luong_attention import ring_score_work
+
+    lines = [
+        "| layout | devices | score work per device (M entries) | longest / mean |",
+        "|---|---:|---|---:|",
+    ]
+    for count in devices:
+        for layout in ("contiguous", "zigzag"):
+            if count == 1 or (layout == "zigzag" and length % (2 * count)):
+                continue
+            work = ring_score_work(length, length, count, layout=layout).sum(axis=1)
+            listed = " ".join(f"{w / 2**20:.0f}" for w in work)
+            lines.append(f"| {layout} | {count} | {listed} | {work.max() / work.mean():.3f} |")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> None:
-    """Measures every device count in its own child process and prints the table."""
+    """Measures every strategy and device count in its own child process; prints tables."""
     if args.quick:
         args.length, args.repeats = 2048, 1
     if args.child is not None:
         row = measure(
-            args.child, args.length, args.depth, args.score_mode, args.repeats, args.value_mask
+            args.child,
+            args.length,
+            args.depth,
+            args.score_mode,
+            args.repeats,
+            args.value_mask,
+            args.child_strategy,
+            args.memory_only,
         )
         print(json.dumps(row))
         return
@@ -190,10 +323,14 @@ def run(args: argparse.Namespace) -> None:
         f"Tq = Tv = {args.length}, depth {args.depth}, float32"
     )
     rows = []
-    for devices in args.devices:
-        rows.append(_run_child(devices, args))
-        print(f"  {devices} device(s) done", file=sys.stderr)
+    for strategy in args.strategies:
+        for devices in args.devices:
+            rows.append(_run_child(devices, strategy, args))
+            print(f"  {strategy} on {devices} device(s) done", file=sys.stderr)
     print(format_table(rows))
+    if args.balance:
+        print()
+        print(format_balance(args.length, args.devices))
     if args.json:
         with open(args.json, "w") as file:
             json.dump(rows, file, indent=2)

@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from luong_attention._src.functional.attention import compute_scores
 from luong_attention._src.kernels import blocked
@@ -84,6 +85,14 @@ def kernel_config(plan: RingPlan, batch: int, depth: int) -> blocked._Config:
     return blocked.make_config(
         plan.score_mode, plan.causal, plan.q_chunk, plan.kv_chunk, depth, 0.0, None, None, batch
     )
+
+
+def pass_on(plan: RingPlan, arrays):
+    """Sends ``arrays`` (a pytree) to the next device on the ring and receives the previous one's."""
+    if plan.devices == 1:
+        return arrays
+    perm = [(i, (i + 1) % plan.devices) for i in range(plan.devices)]
+    return jax.lax.ppermute(arrays, plan.axis_name, perm)
 
 
 def _part(x: jax.Array, index: jax.Array, chunk: int) -> jax.Array:
@@ -296,7 +305,6 @@ def _ring_forward(
     cfg = kernel_config(plan, batch, depth)
     fully = fully_masked_rows(plan, mask, device, batch)
     q_offsets = part_offsets(plan, device, plan.q_chunk)
-    perm = [(i, (i + 1) % plan.devices) for i in range(plan.devices)]
 
     def attend(held, step, stats: Stats) -> Stats:
         k_b, v_b, mask_b = held
@@ -328,7 +336,7 @@ def _ring_forward(
     def step(carry, index):
         held, stats = carry
         # Issued before the compute that does not depend on it: XLA may overlap the two.
-        upcoming = jax.lax.ppermute(held, plan.axis_name, perm)
+        upcoming = pass_on(plan, held)
         return (upcoming, attend(held, index, stats)), None
 
     stats = _empty_stats(batch, q.shape[1], v.shape[-1], q.dtype)
@@ -388,7 +396,6 @@ def _ring_backward(
     device = jax.lax.axis_index(plan.axis_name)
     cfg = kernel_config(plan, q.shape[0], q.shape[-1])
     q_offsets = part_offsets(plan, device, plan.q_chunk)
-    perm = [(i, (i + 1) % plan.devices) for i in range(plan.devices)]
     delta = (d_out * out).sum(-1)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     denom = jnp.where(denom > 0, denom, 1.0)
@@ -430,16 +437,16 @@ def _ring_backward(
 
     def step(carry, index):
         held, grads_b, dq, dweight = carry
-        upcoming = jax.lax.ppermute(held, plan.axis_name, perm)  # before the compute
+        upcoming = pass_on(plan, held)  # before the compute
         dq, dweight, grads_b = attend(held, grads_b, index, dq, dweight)
-        grads_b = jax.lax.ppermute(grads_b, plan.axis_name, perm)
+        grads_b = pass_on(plan, grads_b)
         return (upcoming, grads_b, dq, dweight), None
 
     init = ((k, v, mask), (jnp.zeros_like(k), jnp.zeros_like(v)), jnp.zeros_like(q), 0 * weight)
     (held, grads_b, dq, dweight), _ = jax.lax.scan(step, init, jnp.arange(plan.devices - 1))
     dq, dweight, grads_b = attend(held, grads_b, plan.devices - 1, dq, dweight)
     # After n steps the accumulators sit one device short of their owner: one last hop.
-    dk, dv = jax.lax.ppermute(grads_b, plan.axis_name, perm)
+    dk, dv = pass_on(plan, grads_b)
     return dq, dk, dv, dweight
 
 
@@ -477,3 +484,45 @@ def _ring_bwd(plan, residuals, d_out):
 
 
 ring_attention_shards.defvjp(_ring_fwd, _ring_bwd)
+
+
+def ring_score_work(
+    q_length: int,
+    kv_length: int,
+    devices: int,
+    *,
+    layout: str = "zigzag",
+    use_causal_mask: bool = True,
+    score_mode: str = "dot",
+    depth: int = 64,
+    batch: int = 1,
+) -> np.ndarray:
+    """Score entries the ring's forward computes, per device and step (a load-balance check).
+
+    Walks the same decisions as the ring (which pairs are skipped, :func:`sees_block`) and the
+    blocked kernel's own tile schedule (``blocked._schedule``: key tiles visited per query
+    tile), without a value mask, and counts ``block_q * block_kv`` entries per visited tile.
+
+    Returns:
+      int64 ``[devices, devices]``: entry ``[d, s]`` is device ``d``'s work in step ``s``.
+    """
+    parts = 2 if layout == "zigzag" else 1
+    q_chunk, kv_chunk = (-(-length // (devices * parts)) for length in (q_length, kv_length))
+    plan = RingPlan(
+        "ring", devices, parts, q_chunk, kv_chunk, kv_length, score_mode, use_causal_mask, False
+    )
+    cfg = kernel_config(plan, batch, depth)
+    n_q, n_kv = -(-q_chunk // cfg.block_q), -(-kv_chunk // cfg.block_kv)
+    work = np.zeros((devices, devices), np.int64)
+    for device in range(devices):
+        q_offsets = np.asarray(part_offsets(plan, device, q_chunk))
+        for step in range(devices):
+            kv_offsets = np.asarray(part_offsets(plan, (device - step) % devices, kv_chunk))
+            for a in range(parts):
+                for b in range(parts):
+                    offsets = (jnp.int32(q_offsets[a]), jnp.int32(kv_offsets[b]))
+                    if not bool(sees_block(plan, *offsets)):
+                        continue
+                    kv_stop = blocked._schedule(cfg, None, offsets, n_q, n_kv)[0]
+                    work[device, step] += int(kv_stop.sum()) * cfg.block_q * cfg.block_kv
+    return work
