@@ -114,18 +114,20 @@ def _rss_growth(fn, args) -> int:
     return _status_bytes("VmHWM") - before
 
 
-def collective_bytes(hlo: str) -> dict[str, float]:
-    """Bytes one device sends, by kind, read from a compiled program's HLO text.
+def collective_bytes(hlo: str, loop_trips: int) -> dict[str, float]:
+    """Bytes one device sends per call, by kind, read from a compiled program's HLO text.
 
-    ``collective-permute`` ops inside a ``while`` body run once per ring step; they are summed
-    per step, forward and backward (``transpose`` in the op's name) apart. Every other
-    collective (and a permute outside a loop) is counted once per call.
+    ``collective-permute`` ops are the ring's transfers, forward and backward (``transpose``
+    in the op's name) apart; those inside a ``while`` body run ``loop_trips`` times (the ring
+    loops run ``n - 1`` steps; XLA unrolls a loop of one step, whose permutes then sit
+    outside). Every other collective is counted once.
 
     Returns:
-      ``{"fwd_step": ..., "bwd_step": ..., "once": ...}`` in bytes.
+      ``{"fwd_step", "fwd", "bwd_step", "bwd", "other"}`` in bytes: per step (one loop
+      iteration) and per call.
     """
     bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo))
-    totals = {"fwd_step": 0.0, "bwd_step": 0.0, "once": 0.0}
+    totals = dict.fromkeys(("fwd_step", "fwd", "bwd_step", "bwd", "other"), 0.0)
     computation = ""
     for line in hlo.splitlines():
         if line.endswith("{") and not line.startswith(" "):
@@ -140,10 +142,13 @@ def collective_bytes(hlo: str) -> dict[str, float]:
             for dim in filter(None, dims.split(",")):
                 count *= int(dim)
             size += count * DTYPE_BYTES.get(dtype, 4)
-        if found.group(2) == "collective-permute" and computation in bodies:
-            totals["bwd_step" if "transpose(" in line else "fwd_step"] += size
-        else:
-            totals["once"] += size
+        if found.group(2) != "collective-permute":
+            totals["other"] += size
+            continue
+        direction = "bwd" if "transpose(" in line else "fwd"
+        in_loop = computation in bodies
+        totals[direction] += size * (loop_trips if in_loop else 1)
+        totals[direction + "_step"] += size if in_loop else 0
     return totals
 
 
@@ -208,8 +213,8 @@ def measure(
         + analysis.temp_size_in_bytes
         - analysis.alias_size_in_bytes
     )
-    sent = collective_bytes(compiled.as_text())
-    shard = -(-length // devices)
+    sent = collective_bytes(compiled.as_text(), loop_trips=devices - 1)
+    block = -(-length // devices) * 2 * depth * 4 if kind == "ring" else 0  # K + V shards
     row = {
         "strategy": strategy,
         "devices": devices,
@@ -220,8 +225,12 @@ def measure(
         "device_mib": device_bytes / MIB,
         "permute_fwd_step_mib": sent["fwd_step"] / MIB,
         "permute_bwd_step_mib": sent["bwd_step"] / MIB,
-        "ring_formula_fwd_step_mib": (shard * 2 * depth * 4 if devices > 1 else 0) / MIB,
-        "other_collectives_mib": sent["once"] / MIB,
+        "permute_fwd_mib": sent["fwd"] / MIB,
+        "permute_bwd_mib": sent["bwd"] / MIB,
+        # The ring formula: n - 1 K/V blocks forward; n - 1 K/V blocks and n dK/dV backward.
+        "formula_fwd_mib": (devices - 1) * block / MIB,
+        "formula_bwd_mib": (2 * devices - 1) * block / MIB,
+        "other_collectives_mib": sent["other"] / MIB,
     }
     if not memory_only:
         rss_growth = _rss_growth(compiled, inputs)
@@ -256,23 +265,25 @@ def _run_child(devices: int, strategy: str, args: argparse.Namespace) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    """The rows as a Markdown table (ratios against the same strategy's first row)."""
+    """The rows as a Markdown table (memory also as a ratio to the strategy on one device)."""
     timed = "forward_ms" in rows[0]
     header = (
-        "| strategy | devices | device MiB (XLA, fwd+grad) | of 1 device | sent per step "
-        "fwd / bwd MiB (HLO) | ring formula fwd / bwd MiB | other collectives MiB |"
+        "| strategy | devices | device MiB (XLA, fwd+grad) | of 1 device | sent per step fwd / "
+        "bwd MiB | sent per call fwd / bwd MiB | ring formula fwd / bwd MiB | other "
+        "collectives MiB |"
     )
     header += " process RSS growth MiB | forward ms | fwd+grad ms |" if timed else ""
     lines = [header, "|---|" + "---:|" * (header.count("|") - 2)]
-    first: dict[str, float] = {}
+    one_device = {row["strategy"]: row["device_mib"] for row in rows if row["devices"] == 1}
     for row in rows:
-        base = first.setdefault(row["strategy"], row["device_mib"])
-        formula = row["ring_formula_fwd_step_mib"] if row["strategy"] != "replicated" else 0.0
+        base = one_device.get(row["strategy"])
+        ratio = "n/a" if base is None else f"{row['device_mib'] / base:.3f}"
         line = (
             f"| {row['strategy']} | {row['devices']} | {row['device_mib']:.1f} | "
-            f"{row['device_mib'] / base:.3f} | {row['permute_fwd_step_mib']:.2f} / "
-            f"{row['permute_bwd_step_mib']:.2f} | {formula:.2f} / {2 * formula:.2f} | "
-            f"{row['other_collectives_mib']:.2f} |"
+            f"{ratio} | {row['permute_fwd_step_mib']:.1f} / "
+            f"{row['permute_bwd_step_mib']:.1f} | {row['permute_fwd_mib']:.1f} / "
+            f"{row['permute_bwd_mib']:.1f} | {row['formula_fwd_mib']:.1f} / "
+            f"{row['formula_bwd_mib']:.1f} | {row['other_collectives_mib']:.1f} |"
         )
         if timed:
             line += (

@@ -8,6 +8,7 @@ against Keras in its own tests) is the reference.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import luong_attention as la
 from luong_attention._src.functional import parallel
+from luong_attention.luong import LuongAttention
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -323,3 +325,62 @@ def test_bad_strategy_layout_and_lengths_are_value_errors(kwargs, q_length, matc
     query, key, value = _inputs((2,), q_length, 16, 5, 3)
     with pytest.raises(ValueError, match=match):
         la.sequence_parallel_attention(query, value, key, mesh=_mesh(4), axis_name="sp", **kwargs)
+
+
+class _Model(nn.Module):
+    """Dense -> causal self-attention (sequence parallel when given a mesh) -> Dense."""
+
+    layer: str
+    mesh: Mesh | None = None
+
+    @nn.compact
+    def __call__(self, x, mask):
+        hidden = nn.Dense(6)(x)
+        seq = {"mesh": self.mesh, "sequence_axis": None if self.mesh is None else "sp"}
+        kind, score = self.layer.split("-")
+        if kind == "keras":
+            attend = la.Attention(use_scale=True, score_mode=score, **seq)
+            out = attend([hidden, hidden], mask=[None, mask], use_causal_mask=True)
+        else:
+            out, _ = LuongAttention(score=score, use_scale=True, **seq)(hidden, hidden, mask)
+        return nn.Dense(3)(out)
+
+
+@pytest.mark.parametrize(
+    ("layer", "devices"), [("keras-concat", 4), ("luong-general", 8), ("luong-dot", 2)]
+)
+def test_flax_model_parameter_gradients_equal_single_device(layer, devices):
+    """A jit-compiled Flax model over a mesh: output and every parameter's gradient equal the
+    same model without sequence parallelism, on one device."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 13, 4)).astype(np.float32)
+    mask = rng.random((2, 13)) > 0.3
+    cotangent = rng.normal(size=(2, 13, 3)).astype(np.float32)
+    reference = _Model(layer)
+    variables = reference.init(jax.random.key(0), x, mask)
+
+    def grads(model):
+        def loss(variables):
+            out = model.apply(variables, x, mask)
+            return jnp.sum(out * cotangent), out
+
+        return jax.jit(jax.grad(loss, has_aux=True))(variables)
+
+    got, out = grads(_Model(layer, _mesh(devices)))
+    want, ref_out = grads(reference)
+    np.testing.assert_allclose(out, ref_out, **TOL)
+    flat_got, flat_want = jax.tree.leaves_with_path(got), jax.tree.leaves_with_path(want)
+    assert [path for path, _ in flat_got] == [path for path, _ in flat_want]
+    for (path, g), (_, w) in zip(flat_got, flat_want, strict=True):
+        np.testing.assert_allclose(g, w, **TOL, err_msg=jax.tree_util.keystr(path))
+
+
+def test_modules_reject_half_a_sequence_setup_and_weights():
+    with pytest.raises(ValueError, match="needs both mesh and sequence_axis"):
+        la.Attention(sequence_axis="sp")
+    with pytest.raises(ValueError, match="supports mode='global' with score='dot' or"):
+        LuongAttention(score="concat", mesh=_mesh(2), sequence_axis="sp")
+    layer = la.Attention(mesh=_mesh(2), sequence_axis="sp")
+    q = np.ones((1, 4, 3), np.float32)
+    with pytest.raises(ValueError, match="cannot return them"):
+        layer.init_with_output(jax.random.key(0), [q, q], return_attention_scores=True)

@@ -50,6 +50,7 @@ from luong_attention._src.functional.layout import (
     pad_length,
     shard_spec,
 )
+from luong_attention._src.functional.luong import length_mask
 from luong_attention._src.functional.ring import RingPlan, ring_attention_shards
 from luong_attention._src.primitives.masks import MASK_PENALTY, as_bool_mask, mask_scores
 from luong_attention._src.primitives.scores import stats_dtype
@@ -250,6 +251,21 @@ def merge_partials(output: jax.Array, lse: jax.Array, use: jax.Array, axis_name:
 Strategy = Literal["ring", "replicated"]
 STRATEGIES = ("ring", "replicated")
 LAYOUTS = ("contiguous", "zigzag")
+
+
+def check_sequence_fields(mesh: Mesh | None, sequence_axis: str | None) -> None:
+    """Raises ``ValueError`` unless a module got both ``mesh`` and ``sequence_axis`` or neither."""
+    if (mesh is None) != (sequence_axis is None):
+        raise ValueError(
+            "Sequence parallelism needs both mesh and sequence_axis (the mesh axis to split "
+            f"the sequence over), or neither. Received: mesh={mesh!r}, "
+            f"sequence_axis={sequence_axis!r}"
+        )
+    if mesh is not None and sequence_axis not in mesh.axis_names:
+        raise ValueError(
+            f"sequence_axis must be one of the mesh's axes {mesh.axis_names}. "
+            f"Received: sequence_axis={sequence_axis!r}"
+        )
 
 
 def select_strategy(q_length: int, kv_length: int, devices: int) -> Strategy:
@@ -555,3 +571,70 @@ def fold_score_params(
         return query, key, jnp.zeros((), dtype)
     weight = 1.0 if concat_score_weight is None else concat_score_weight
     return query, key, jnp.asarray(weight).astype(dtype)
+
+
+def luong_sequence_parallel(
+    query: ArrayLike,
+    memory: ArrayLike,
+    memory_mask: ArrayLike | None = None,
+    *,
+    score: str,
+    w_a: ArrayLike | None = None,
+    scale: ArrayLike | None = None,
+    source_lengths: ArrayLike | None = None,
+    mesh: Mesh,
+    axis_name: str,
+    batch_axis: str | None = None,
+    strategy: Strategy | None = None,
+    layout: Layout = "contiguous",
+) -> jax.Array:
+    """Luong global attention of a sequence of queries with ``"dot"`` or ``"general"`` scores,
+    sequence parallel (:func:`sequence_parallel_attention`, memory as keys and values).
+
+    ``"general"`` scores ``h_t^T W_a h_s`` are dot scores of the projected query ``h_t W_a^T``
+    against the memory, so both run on the same kernel; ``source_lengths`` becomes part of the
+    value mask.
+
+    Args:
+      query: ``[batch..., q_length, query_depth]``; memory: ``[batch..., kv_length,
+        memory_depth]``; memory_mask: ``[batch..., kv_length]`` or ``None``.
+      score: ``"dot"`` or ``"general"``; w_a: ``[memory_depth, query_depth]`` for
+        ``"general"``; scale: optional scalar on the scores.
+      source_lengths: int ``[batch...]`` or ``None``.
+      mesh, axis_name, batch_axis, strategy, layout: as in :func:`sequence_parallel_attention`.
+
+    Returns:
+      The context ``[batch..., q_length, memory_depth]`` (no alignment: it is never built).
+
+    Raises:
+      ValueError: for another score or a single-step query.
+    """
+    if score not in ("dot", "general"):
+        raise ValueError(
+            "Sequence-parallel Luong attention supports score='dot' and score='general' "
+            f"(dot products the kernel computes blockwise). Received: score={score!r}"
+        )
+    query, memory = jnp.asarray(query), jnp.asarray(memory)
+    if query.ndim != memory.ndim:
+        raise ValueError(
+            "Sequence-parallel Luong attention needs a sequence of queries [batch..., Tq, "
+            f"depth_q] with the rank of memory. Received: query.shape={query.shape}, "
+            f"memory.shape={memory.shape}"
+        )
+    if score == "general":
+        query = jnp.einsum("...qd,md->...qm", query, jnp.asarray(w_a).astype(query.dtype))
+    if source_lengths is not None:
+        keep = length_mask(source_lengths, memory.shape[-2])
+        memory_mask = keep if memory_mask is None else jnp.logical_and(memory_mask, keep)
+    return sequence_parallel_attention(
+        query,
+        memory,
+        memory,
+        mesh=mesh,
+        axis_name=axis_name,
+        batch_axis=batch_axis,
+        strategy=strategy,
+        layout=layout,
+        value_mask=memory_mask,
+        scale=scale,
+    )
