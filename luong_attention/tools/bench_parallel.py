@@ -73,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
     parser.add_argument("--quick", action="store_true", help="length 2048, 1 repeat")
     parser.add_argument("--json", type=str, default=None, help="also write the rows here")
+    parser.add_argument("--plot", type=str, default=None, help="also plot memory to this PNG")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-strategy", default="ring", help=argparse.SUPPRESS)
 
@@ -214,7 +215,8 @@ def measure(
         - analysis.alias_size_in_bytes
     )
     sent = collective_bytes(compiled.as_text(), loop_trips=devices - 1)
-    block = -(-length // devices) * 2 * depth * 4 if kind == "ring" else 0  # K + V shards
+    ring = kind == "ring" and devices > 1
+    block = -(-length // devices) * 2 * depth * 4 if ring else 0  # K + V shards, bytes
     row = {
         "strategy": strategy,
         "devices": devices,
@@ -311,6 +313,34 @@ def format_balance(length: int, devices: list[int]) -> str:
     return "\n".join(lines)
 
 
+def plot_memory(rows: list[dict], path: str) -> None:
+    """Per-device memory against devices, one line per strategy, and the ideal ``1/n``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for strategy in dict.fromkeys(row["strategy"] for row in rows):
+        mine = [row for row in rows if row["strategy"] == strategy]
+        counts = [row["devices"] for row in mine]
+        ax.plot(counts, [row["device_mib"] for row in mine], marker="o", label=strategy)
+    ones = [row["device_mib"] for row in rows if row["devices"] == 1]
+    if ones:
+        counts = sorted({row["devices"] for row in rows})
+        ax.plot(counts, [min(ones) / n for n in counts], "k--", label="ideal: 1/n of one device")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("devices (forced host devices)")
+    ax.set_ylabel("per-device MiB (XLA memory_analysis)")
+    first = rows[0]
+    ax.set_title(f"causal {first['score_mode']} fwd+grad, T={first['length']}, D={first['depth']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run(args: argparse.Namespace) -> None:
     """Measures every strategy and device count in its own child process; prints tables."""
     if args.quick:
@@ -345,6 +375,8 @@ def run(args: argparse.Namespace) -> None:
     if args.json:
         with open(args.json, "w") as file:
             json.dump(rows, file, indent=2)
+    if args.plot:
+        plot_memory(rows, args.plot)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from :func:`fully_masked_partial`, which adds the penalty back so their logsumex
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -248,6 +248,22 @@ def merge_partials(output: jax.Array, lse: jax.Array, use: jax.Array, axis_name:
     return jax.lax.psum(weight[..., None] * output, axis_name) / total[..., None]
 
 
+class Split(NamedTuple):
+    """How :func:`sequence_parallel_attention` splits one call (shared by both strategies).
+
+    ``params``: ``{"scale": ..., "concat_score_weight": ...}``, replicated on every device.
+    """
+
+    mesh: Mesh
+    axis_name: str
+    batch_axis: str | None
+    batch_shape: tuple[int, ...]
+    use_causal_mask: bool
+    score_mode: ScoreMode
+    params: dict
+    layout: Layout
+
+
 Strategy = Literal["ring", "replicated"]
 STRATEGIES = ("ring", "replicated")
 LAYOUTS = ("contiguous", "zigzag")
@@ -377,12 +393,7 @@ def sequence_parallel_attention(
             )
         check_zigzag_length("q_length (query.shape[-2])", q_length, devices)
         check_zigzag_length("kv_length (key.shape[-2])", kv_length, devices)
-    run = _ring_strategy if strategy == "ring" else _replicated_strategy
-    output = run(
-        query,
-        value,
-        key,
-        value_mask,
+    split = Split(
         mesh=mesh,
         axis_name=axis_name,
         batch_axis=batch_axis,
@@ -392,6 +403,8 @@ def sequence_parallel_attention(
         params={"scale": scale, "concat_score_weight": concat_score_weight},
         layout=layout,
     )
+    run = _ring_strategy if strategy == "ring" else _replicated_strategy
+    output = run(query, value, key, value_mask, split)
     dtype = jnp.result_type(query, key, value)
     return apply_query_mask(output, query_mask).astype(dtype)
 
@@ -401,18 +414,10 @@ def _replicated_strategy(
     value: jax.Array,
     key: jax.Array,
     value_mask: jax.Array | None,
-    *,
-    mesh: Mesh,
-    axis_name: str,
-    batch_axis: str | None,
-    batch_shape: tuple[int, ...],
-    use_causal_mask: bool,
-    score_mode: ScoreMode,
-    params: dict,
-    layout: Layout,
+    split: Split,
 ) -> jax.Array:
     """Replicated queries, keys split: ``[batch..., q_length, value_depth]`` in float32."""
-    del layout  # natural order only (checked by the caller)
+    mesh, axis_name, batch_axis, batch_shape, use_causal_mask, score_mode, _, _ = split
     dtype = jnp.result_type(query, key, value)
     q_length, kv_length = query.shape[-2], key.shape[-2]
     devices = mesh.shape[axis_name]
@@ -468,7 +473,7 @@ def _replicated_strategy(
         ),
         out_specs=P() if batch_axis is None else P(batch_axis),
         check_vma=False,  # the blocked kernel's loop carries are not typed per axis
-    )(query, key, value, value_mask, params)
+    )(query, key, value, value_mask, split.params)
 
 
 def _ring_strategy(
@@ -476,17 +481,10 @@ def _ring_strategy(
     value: jax.Array,
     key: jax.Array,
     value_mask: jax.Array | None,
-    *,
-    mesh: Mesh,
-    axis_name: str,
-    batch_axis: str | None,
-    batch_shape: tuple[int, ...],
-    use_causal_mask: bool,
-    score_mode: ScoreMode,
-    params: dict,
-    layout: Layout,
+    split: Split,
 ) -> jax.Array:
     """Ring attention, everything split: ``[batch..., q_length, value_depth]`` in float32."""
+    mesh, axis_name, batch_axis, batch_shape, use_causal_mask, score_mode, _, layout = split
     dtype = stats_dtype(jnp.result_type(query, key, value))
     q_length, kv_length = query.shape[-2], key.shape[-2]
     devices = mesh.shape[axis_name]
@@ -544,7 +542,7 @@ def _ring_strategy(
         ),
         out_specs=P(*batch_spec, axis_name, None),
         check_vma=False,  # the blocked kernel's loop carries are not typed per axis
-    )(query, key, value, value_mask, params)
+    )(query, key, value, value_mask, split.params)
     return output[..., :q_length, :]
 
 

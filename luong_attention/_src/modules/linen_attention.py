@@ -124,6 +124,15 @@ class Attention(nn.Module):
                 None if x is None else jnp.asarray(x, self.dtype) for x in (query, value, key)
             )
         rate = self.dropout if training else 0.0
+        common = {
+            "query_mask": query_mask,
+            "value_mask": value_mask,
+            "use_causal_mask": use_causal_mask,
+            "score_mode": self.score_mode,
+            "scale": scale,
+            "concat_score_weight": concat_score_weight,
+            "dropout_rate": rate,
+        }
         if self.sequence_axis is not None:
             if return_attention_scores:
                 raise ValueError(
@@ -139,29 +148,17 @@ class Attention(nn.Module):
                 batch_axis=self.batch_axis,
                 strategy=self.sequence_strategy,
                 layout=self.sequence_layout,
-                query_mask=query_mask,
-                value_mask=value_mask,
-                use_causal_mask=use_causal_mask,
-                score_mode=self.score_mode,
-                scale=scale,
-                concat_score_weight=concat_score_weight,
-                dropout_rate=rate,
+                **common,
             )
         return attention(
             query,
             value,
             key,
-            query_mask=query_mask,
-            value_mask=value_mask,
-            use_causal_mask=use_causal_mask,
-            score_mode=self.score_mode,
-            scale=scale,
-            concat_score_weight=concat_score_weight,
-            dropout_rate=rate,
             dropout_rng=self._dropout_rng() if rate > 0.0 else None,
             return_attention_scores=return_attention_scores,
             precision=self.precision,
             implementation=self.implementation,
+            **common,
         )
 
     def _dropout_rng(self) -> jax.Array:
