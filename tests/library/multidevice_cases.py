@@ -43,9 +43,10 @@ def _masks(batch, q_length, kv_length, seed=1):
     """Random masks with one fully masked value row and one masked query."""
     rng = np.random.default_rng(seed)
     value_mask = rng.random((*batch, kv_length)) > 0.4
-    value_mask[0] = False  # every query of batch row 0 sees no key at all
-    value_mask[-1, :3] = False  # with causal: the first 3 queries of the last row see nothing
-    value_mask[-1, 3] = True
+    rows = value_mask.reshape(-1, kv_length)  # a view: batch rows, whatever the batch dims
+    rows[0] = False  # every query of batch row 0 sees no key at all
+    rows[-1, :3] = False  # with causal: the first 3 queries of the last row see nothing
+    rows[-1, 3] = True
     query_mask = rng.random((*batch, q_length)) > 0.2
     return query_mask, value_mask
 
@@ -113,27 +114,28 @@ def _assert_matches_core(fn, query, key, value, kwargs, cotangent):
         assert float(grads[4]) == 0.0
 
 
-# (devices, score_mode, masked, causal, q_length, kv_length, layout): Tq != Tv everywhere;
-# contiguous with lengths that do not divide (11 keys on 8 devices: shards of padding only),
-# zigzag with lengths that are multiples of 2n; both modes, masks (fully masked rows) and
-# causal on 2, 4 and 8 devices.
+# (devices, score_mode, masked, causal, q_length, kv_length, layout, batch): Tq != Tv
+# everywhere; contiguous with lengths that do not divide (11 keys on 8 devices: shards of
+# padding only), zigzag with lengths that are multiples of 2n; both modes, masks (fully masked
+# rows), causal, two batch dims, on 2, 4 and 8 devices.
 RING_CASES = [
-    (2, "dot", False, False, 12, 9, "contiguous"),
-    (4, "dot", True, True, 7, 11, "contiguous"),
-    (8, "concat", True, True, 9, 11, "contiguous"),
-    (2, "concat", False, True, 12, 8, "zigzag"),
-    (4, "dot", True, True, 16, 24, "zigzag"),
-    (8, "concat", True, False, 32, 16, "zigzag"),
+    (2, "dot", False, False, 12, 9, "contiguous", (3,)),
+    (4, "dot", True, True, 7, 11, "contiguous", (2, 2)),
+    (8, "concat", True, True, 9, 11, "contiguous", (3,)),
+    (2, "concat", False, True, 12, 8, "zigzag", (3,)),
+    (4, "dot", True, True, 16, 24, "zigzag", (2, 2)),
+    (8, "concat", True, False, 32, 16, "zigzag", (3,)),
 ]
 
 
 @pytest.mark.parametrize(
-    ("devices", "score_mode", "masked", "causal", "q_length", "kv_length", "layout"), RING_CASES
+    ("devices", "score_mode", "masked", "causal", "q_length", "kv_length", "layout", "batch"),
+    RING_CASES,
 )
-def test_ring_matches_core(devices, score_mode, masked, causal, q_length, kv_length, layout):
+def test_ring_matches_core(devices, score_mode, masked, causal, q_length, kv_length, layout, batch):
     """Ring attention equals the core; zigzag inputs are reordered with to_zigzag and the
     output put back with from_zigzag, so the gradients reach the natural order too."""
-    batch, depth, value_depth = (3,), 5, 6
+    depth, value_depth = 5, 6
     query, key, value = _inputs(batch, q_length, kv_length, depth, value_depth)
     kwargs = {"score_mode": score_mode, "use_causal_mask": causal}
     if masked:
