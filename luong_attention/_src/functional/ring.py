@@ -87,7 +87,7 @@ def kernel_config(plan: RingPlan, batch: int, depth: int) -> blocked._Config:
     )
 
 
-def pass_on(plan: RingPlan, arrays):
+def pass_on(plan: RingPlan, arrays: tuple) -> tuple:
     """Sends ``arrays`` (a pytree) to the next device on the ring and receives the previous one's."""
     if plan.devices == 1:
         return arrays
@@ -339,8 +339,8 @@ def _ring_forward(
         upcoming = pass_on(plan, held)
         return (upcoming, attend(held, index, stats)), None
 
-    stats = _empty_stats(batch, q.shape[1], v.shape[-1], q.dtype)
-    (held, stats), _ = jax.lax.scan(step, ((k, v, mask), stats), jnp.arange(plan.devices - 1))
+    carry = ((k, v, mask), _empty_stats(batch, q.shape[1], v.shape[-1], q.dtype))
+    held, stats = jax.lax.scan(step, carry, jnp.arange(plan.devices - 1))[0]
     m, denom, acc = attend(held, plan.devices - 1, stats)
     out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
     return out, m, denom, fully
@@ -379,9 +379,7 @@ def _pair_grads(
         return grads
 
     def exact():
-        masked_rows = tuple(
-            jnp.where(fully if x.ndim == 2 else fully[..., None], x, 0.0) for x in (d_out, delta)
-        )
+        masked_rows = tuple(jnp.where(_rows(fully, x), x, 0.0) for x in (d_out, delta))
         extra = masked_row_grads(plan, q, k, v, weight, real, (m, denom, *masked_rows))
         return tuple(g + e for g, e in zip(grads, extra, strict=True))
 
@@ -442,8 +440,8 @@ def _ring_backward(
         grads_b = pass_on(plan, grads_b)
         return (upcoming, grads_b, dq, dweight), None
 
-    init = ((k, v, mask), (jnp.zeros_like(k), jnp.zeros_like(v)), jnp.zeros_like(q), 0 * weight)
-    (held, grads_b, dq, dweight), _ = jax.lax.scan(step, init, jnp.arange(plan.devices - 1))
+    carry = ((k, v, mask), (jnp.zeros_like(k), jnp.zeros_like(v)), jnp.zeros_like(q), 0 * weight)
+    held, grads_b, dq, dweight = jax.lax.scan(step, carry, jnp.arange(plan.devices - 1))[0]
     dq, dweight, grads_b = attend(held, grads_b, plan.devices - 1, dq, dweight)
     # After n steps the accumulators sit one device short of their owner: one last hop.
     dk, dv = pass_on(plan, grads_b)
