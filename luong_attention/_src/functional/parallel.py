@@ -1,7 +1,11 @@
-"""Sequence-parallel attention: keys and values split over a mesh axis with ``shard_map``.
+"""Sequence-parallel attention: the sequence split over a mesh axis with ``shard_map``.
 
-Every device on the axis holds all queries and one contiguous slice of the keys, values and
-value mask. It computes the attention of all queries over its slice with the blocked kernel
+:func:`sequence_parallel_attention` runs one of two strategies: the ring
+(:mod:`~luong_attention._src.functional.ring`, everything split) or *replicated queries*,
+which this module implements and the rest of this docstring describes.
+
+With replicated queries every device on the axis holds all queries and one contiguous slice of
+the keys, values and value mask. It computes the attention of all queries over its slice with the blocked kernel
 (a *partial result*: the normalised output and the log of its softmax denominator), and the
 partial results are merged exactly with their logsumexp, so the merged output equals
 :func:`attention` on one device.
