@@ -410,5 +410,12 @@ def encode_targets(targets: Sequence[str]) -> np.ndarray:
 
 
 def decode_targets(ids: np.ndarray) -> list[str]:
-    """Inverse of :func:`encode_targets`: ``[count, TARGET_LENGTH]`` ids to strings."""
-    return ["".join(TARGET_CHARS[i] for i in row) for row in np.asarray(ids)]
+    """Inverse of :func:`encode_targets`: ``[count, TARGET_LENGTH]`` ids to strings.
+
+    An id outside :data:`TARGET_CHARS` (:data:`BOS`, which an untrained model may predict)
+    becomes ``"?"``.
+    """
+    return [
+        "".join(TARGET_CHARS[i] if i < len(TARGET_CHARS) else "?" for i in row)
+        for row in np.asarray(ids)
+    ]

@@ -39,13 +39,18 @@ DecoderCarry = tuple[DecoderState, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Sizes of :class:`DateTranslator` (JSON-serialisable)."""
+    """Sizes of :class:`DateTranslator` (JSON-serialisable).
+
+    ``max_source_length`` is the longest text the model was trained to read (the training
+    sources' padded length); the model runs on longer ones but answers them at random.
+    """
 
     source_vocab: int
     embed: int = 32
     encoder_features: int = 32
     decoder_features: int = 64
     target_vocab: int = len(TARGET_CHARS) + 1  # the target characters and BOS
+    max_source_length: int = 40
 
 
 class Encoder(nn.Module):
@@ -232,12 +237,18 @@ def make_train_step(config: ModelConfig, optimizer: optax.GradientTransformation
 
 
 def make_greedy_decoder(config: ModelConfig):
-    """A jitted ``(params, source [B, S], lengths [B]) -> (tokens [B, T], weights [B, T, S])``."""
+    """A jitted ``(params, source [B, S], lengths [B]) -> (tokens [B, T], log_probs [B, T],
+    weights [B, T, S])``.
+
+    ``log_probs`` is the log-probability the model gave each chosen token (its confidence).
+    """
 
     @jax.jit
     def decode(params, source, lengths):
         logits, weights = DateTranslator(config).apply({"params": params}, source, lengths)
-        return jnp.argmax(logits, axis=-1), weights
+        tokens = jnp.argmax(logits, axis=-1)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return tokens, jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0], weights
 
     return decode
 
@@ -265,11 +276,16 @@ def save_checkpoint(
     return checkpoint, meta
 
 
-def load_checkpoint(directory: Path) -> tuple[Any, ModelConfig, str]:
-    """Reads what :func:`save_checkpoint` wrote: ``(params, config, alphabet)``.
+class CheckpointError(ValueError):
+    """A checkpoint folder whose files exist but cannot be read as a model."""
+
+
+def load_config(directory: Path) -> tuple[ModelConfig, str]:
+    """Reads the config and alphabet that :func:`save_checkpoint` wrote, without the weights.
 
     Raises:
       FileNotFoundError: naming the missing file and how to make it.
+      CheckpointError: naming the file when it is unreadable or malformed.
     """
     checkpoint, meta = directory / CHECKPOINT_FILE, directory / CONFIG_FILE
     for path in (checkpoint, meta):
@@ -278,8 +294,33 @@ def load_checkpoint(directory: Path) -> tuple[Any, ModelConfig, str]:
                 f"{path} not found: train a model first with `luong-attention demo --out "
                 f"{directory}`."
             )
-    payload = json.loads(meta.read_text(encoding="utf-8"))
-    config = ModelConfig(**payload["model"])
-    template = init_params(config, source_length=1, seed=0)
-    params = serialization.from_bytes(template, checkpoint.read_bytes())
-    return params, config, payload["alphabet"]
+    try:
+        payload = json.loads(meta.read_text(encoding="utf-8"))
+        return ModelConfig(**payload["model"]), str(payload["alphabet"])
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(f"{meta} is not a readable model config ({error!r})") from error
+
+
+def load_checkpoint(directory: Path) -> tuple[Any, ModelConfig, str]:
+    """Reads what :func:`save_checkpoint` wrote: ``(params, config, alphabet)``.
+
+    Raises:
+      FileNotFoundError: naming the missing file and how to make it.
+      CheckpointError: naming the file that is unreadable, malformed or of another model.
+    """
+    config, alphabet = load_config(directory)
+    checkpoint = directory / CHECKPOINT_FILE
+    # The parameters' structure and shapes, traced without running the model's init.
+    template = jax.eval_shape(lambda: init_params(config, source_length=1, seed=0))
+    try:
+        params = serialization.from_bytes(template, checkpoint.read_bytes())
+    except Exception as error:  # msgpack and flax raise many types for a damaged file
+        raise CheckpointError(f"{checkpoint} is not a readable checkpoint ({error!r})") from error
+    if jax.tree.structure(params) != jax.tree.structure(template) or any(
+        jnp.shape(loaded) != wanted.shape
+        for loaded, wanted in zip(jax.tree.leaves(params), jax.tree.leaves(template), strict=True)
+    ):
+        raise CheckpointError(
+            f"{checkpoint} does not hold the model that {directory / CONFIG_FILE} describes"
+        )
+    return params, config, alphabet

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -42,20 +44,84 @@ HEATMAP_FORMATS = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Registers the demo's flags."""
-    parser.add_argument("--steps", type=int, default=2000, help="training steps (default 2000)")
-    parser.add_argument("--batch-size", type=int, default=64, help="examples per step")
-    parser.add_argument("--learning-rate", type=float, default=5e-3, help="peak Adam learning rate")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the model")
     parser.add_argument(
-        "--out", type=Path, default=Path("luong_attention_out"), help="output folder"
+        "--steps", type=_positive_int, default=2000, help="training steps (default 2000)"
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=64, help="examples per step (default 64)"
+    )
+    parser.add_argument(
+        "--learning-rate",
+        type=_positive_float,
+        default=5e-3,
+        help="peak Adam learning rate (default 5e-3)",
+    )
+    parser.add_argument(
+        "--seed", type=_natural_int, default=0, help="seed of the data and the model (default 0)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("luong_attention_out"),
+        help="output folder, created if missing (default luong_attention_out)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="a run of seconds (60 steps, small test set), for CI"
     )
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = _parsed(text, int, "an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _natural_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    value = _parsed(text, int, "an integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    value = _parsed(text, float, "a number")
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _parsed(text: str, kind: type, name: str):
+    """``kind(text)``, or an argparse error saying what was expected."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {name}, got {text!r}") from None
+
+
+def _check_writable(folder: Path) -> None:
+    """Creates ``folder`` if needed and checks that a file can be written in it.
+
+    Raises:
+      argparse.ArgumentError: naming the folder and the reason, before any training.
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise argparse.ArgumentError(
+            None, f"--out {folder}: cannot write there ({reason})"
+        ) from None
+
+
 def run(args: argparse.Namespace) -> None:
     """Trains, evaluates, saves the checkpoint and the heatmap, prints where they went."""
+    _check_writable(args.out)
     steps = 60 if args.quick else args.steps
     per_format = QUICK_TEST_PER_FORMAT if args.quick else TEST_PER_FORMAT
     rng = np.random.default_rng(args.seed)
@@ -69,7 +135,7 @@ def run(args: argparse.Namespace) -> None:
         f"({len(test)} test examples)"
     )
 
-    config = seq2seq.ModelConfig(source_vocab=len(alphabet) + 2)
+    config = seq2seq.ModelConfig(source_vocab=len(alphabet) + 2, max_source_length=SOURCE_LENGTH)
     params = _train(args, steps, train, alphabet, config)
 
     decode = seq2seq.make_greedy_decoder(config)
@@ -144,7 +210,7 @@ def _decode_all(
     lengths = np.pad(lengths, (0, padded - count), constant_values=1)
     tokens, weights = [], []
     for start in range(0, padded, chunk):
-        t, w = decode(params, source[start : start + chunk], lengths[start : start + chunk])
+        t, _, w = decode(params, source[start : start + chunk], lengths[start : start + chunk])
         tokens.append(np.asarray(t))
         weights.append(np.asarray(w))
     tokens = np.concatenate(tokens)[:count]

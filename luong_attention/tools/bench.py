@@ -293,10 +293,12 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _child(spec: dict[str, Any], flag: str, what: str) -> dict[str, Any] | None:
-    """Runs ``luong-attention bench FLAG SPEC`` in a fresh process; its JSON, or ``None``."""
+def _child(
+    spec: dict[str, Any], flag: str, what: str, command: str = "bench"
+) -> dict[str, Any] | None:
+    """Runs ``luong-attention COMMAND FLAG SPEC`` in a fresh process; its JSON, or ``None``."""
     proc = subprocess.run(
-        [sys.executable, "-m", "luong_attention.tools.cli", "bench", flag, json.dumps(spec)],
+        [sys.executable, "-m", "luong_attention.tools.cli", command, flag, json.dumps(spec)],
         capture_output=True,
         text=True,
         env={**os.environ, "KERAS_BACKEND": "jax"},

@@ -12,7 +12,14 @@ import pytest
 
 from luong_attention.date_demo import dates, seq2seq
 from luong_attention.date_demo.plotting import plot_attention
-from luong_attention.date_demo.translate import format_alignment, translate
+from luong_attention.date_demo.translate import (
+    InputError,
+    Translation,
+    format_alignment,
+    format_translation,
+    is_calendar_date,
+    translate,
+)
 from luong_attention.tools import cli
 
 matplotlib.use("Agg")
@@ -31,8 +38,8 @@ def _batch(length: int):
 def test_greedy_decoding_feeds_back_its_own_predictions():
     params = seq2seq.init_params(CONFIG, 23, seed=3)
     source, lengths = _batch(23)
-    tokens, weights = DECODE(params, source, lengths)
-    assert tokens.shape == (3, dates.TARGET_LENGTH)
+    tokens, log_probs, weights = DECODE(params, source, lengths)
+    assert tokens.shape == log_probs.shape == (3, dates.TARGET_LENGTH)
     assert weights.shape == (3, dates.TARGET_LENGTH, 23)
     # Teacher forcing with the greedy answer as the target reproduces the same argmaxes.
     logits, forced = seq2seq.DateTranslator(CONFIG).apply(
@@ -40,14 +47,20 @@ def test_greedy_decoding_feeds_back_its_own_predictions():
     )
     np.testing.assert_array_equal(jnp.argmax(logits, -1), tokens)
     np.testing.assert_allclose(forced, weights, atol=1e-6)
+    # The reported log-probabilities are those of the chosen tokens (NumPy log-softmax).
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    chosen = np.take_along_axis(log_softmax, np.asarray(tokens)[..., None], -1)[..., 0]
+    np.testing.assert_allclose(log_probs, chosen, atol=1e-5)
 
 
 def test_padding_is_masked_out():
     params = seq2seq.init_params(CONFIG, 23, seed=4)
-    short_tokens, short_weights = DECODE(params, *_batch(23))
+    short_tokens, _, short_weights = DECODE(params, *_batch(23))
     long_source, long_lengths = _batch(37)
     long_source[long_source == dates.PAD] = 5  # garbage in the padding must not matter
-    long_tokens, long_weights = DECODE(params, long_source, long_lengths)
+    long_tokens, _, long_weights = DECODE(params, long_source, long_lengths)
     np.testing.assert_array_equal(short_tokens, long_tokens)
     np.testing.assert_allclose(short_weights, long_weights[..., :23], atol=1e-6)
     # Weights are a distribution over each example's real characters, zero on padding.
@@ -83,6 +96,23 @@ def test_checkpoint_round_trip(tmp_path):
         seq2seq.load_checkpoint(tmp_path / "missing")
 
 
+def test_damaged_or_mismatched_checkpoints_are_named(tmp_path):
+    params = seq2seq.init_params(CONFIG, 9, seed=1)
+    seq2seq.save_checkpoint(tmp_path, params, CONFIG, "abc")
+    meta = json.loads((tmp_path / seq2seq.CONFIG_FILE).read_text())
+    meta["model"]["decoder_features"] = 8  # another model's sizes
+    (tmp_path / seq2seq.CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(seq2seq.CheckpointError, match="does not hold the model"):
+        seq2seq.load_checkpoint(tmp_path)
+    (tmp_path / seq2seq.CONFIG_FILE).write_text("{not json")
+    with pytest.raises(seq2seq.CheckpointError, match="not a readable model config"):
+        seq2seq.load_checkpoint(tmp_path)
+    seq2seq.save_checkpoint(tmp_path, params, CONFIG, "abc")
+    (tmp_path / seq2seq.CHECKPOINT_FILE).write_bytes(b"\x00garbage")
+    with pytest.raises(seq2seq.CheckpointError, match="not a readable checkpoint"):
+        seq2seq.load_checkpoint(tmp_path)
+
+
 def test_demo_quick_then_translate(tmp_path, capsys):
     out = tmp_path / "run"
     cli.main(["demo", "--quick", "--out", str(out), "--seed", "1"])
@@ -96,25 +126,72 @@ def test_demo_quick_then_translate(tmp_path, capsys):
         assert fmt.name in printed
     assert "wall time" in printed
 
+    assert json.loads((out / "config.json").read_text())["model"]["max_source_length"] == 40
+
     cli.main(["translate", "Mittwoch, 25. Nov. 26", "--checkpoint", str(out)])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "input : Mittwoch, 25. Nov. 26"
     answer = lines[1].removeprefix("output: ")
     assert len(answer) == dates.TARGET_LENGTH and set(answer) <= set(dates.TARGET_CHARS)
-    # The header, then one alignment row per output character.
-    assert len(lines) == 3 + 1 + dates.TARGET_LENGTH
+    assert lines[2].startswith("confidence: ")
+    # The alignment header, the input, then one row per output character, last.
+    header = lines.index("alignment (rows: output characters, columns: input characters):")
+    assert len(lines) == header + 2 + dates.TARGET_LENGTH
     # translate answers what the saved model answers.
     params, config, alphabet = seq2seq.load_checkpoint(out)
     source, lengths = dates.encode_sources(["Mittwoch, 25. Nov. 26"], alphabet, 40)
-    tokens, _ = seq2seq.make_greedy_decoder(config)(params, source, lengths)
+    tokens, _, _ = seq2seq.make_greedy_decoder(config)(params, source, lengths)
     assert dates.decode_targets(np.asarray(tokens))[0] == answer
 
 
-def test_translate_without_checkpoint_exits_cleanly(tmp_path):
-    with pytest.raises(SystemExit, match="not found"):
+def test_translate_without_checkpoint_exits_cleanly(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
         cli.main(["translate", "25/11/2026", "--checkpoint", str(tmp_path)])
-    with pytest.raises(ValueError, match="at least one character"):
-        translate("", tmp_path)
+    assert exited.value.code == 2
+    assert "not found" in capsys.readouterr().err
+    with pytest.raises(InputError, match="text 2 is empty"):
+        translate(["25/11/2026", ""], tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("answer", "real"),
+    [
+        ("2020-02-29", True),
+        ("1900-01-01", True),
+        ("2021-02-29", False),
+        ("2020-31-12", False),
+        ("2020-04-31", False),
+        ("6666666666", False),
+        ("2020-1-011", False),
+        ("0000-01-01", False),
+    ],
+)
+def test_is_calendar_date(answer, real):
+    assert is_calendar_date(answer) is real
+
+
+def _translation(answer: str, probs: list[float], text: str = "25/11/2026") -> Translation:
+    weights = np.full((dates.TARGET_LENGTH, len(text)), 1 / len(text))
+    return Translation(text, answer, np.log(np.array(probs)), weights, unknown="")
+
+
+def test_translation_report_warns_when_unsure_or_not_a_date():
+    sure = _translation("2026-11-25", [0.99] * 10)
+    report = format_translation(sure)
+    assert "warning" not in report
+    expected = np.log(0.99)
+    assert f"confidence: {expected:.4f} mean log-probability per character" in report
+    assert sure.as_json()["low_confidence"] is False and sure.as_json()["is_date"] is True
+
+    unsure = _translation("2026-11-25", [0.99] * 9 + [0.5])
+    assert "warning: low confidence" in format_translation(unsure)
+    assert unsure.as_json()["low_confidence"] is True
+    assert unsure.as_json()["min_char_prob"] == pytest.approx(0.5)
+    assert unsure.as_json()["mean_log_prob"] == pytest.approx((9 * np.log(0.99) + np.log(0.5)) / 10)
+
+    impossible = _translation("2020-31-12", [0.99] * 10)
+    assert "warning: 2020-31-12 is not a real calendar date" in format_translation(impossible)
+    assert impossible.as_json()["is_date"] is False
 
 
 def test_format_alignment_marks_the_strongest_input():

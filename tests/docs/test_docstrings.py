@@ -11,7 +11,7 @@ import pytest
 
 import luong_attention
 
-PUBLIC_NAMESPACES = ("luong", "decoding", "nnx", "keras_compat")
+PUBLIC_NAMESPACES = ("luong", "decoding", "nnx", "keras_compat", "keras")
 MODULES = sorted(
     info.name for info in pkgutil.walk_packages(luong_attention.__path__, prefix="luong_attention.")
 )

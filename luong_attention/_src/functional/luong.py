@@ -41,7 +41,9 @@ from luong_attention._src.primitives.scores import PrecisionLike, dot_scores, st
 LuongScore = Literal["dot", "general", "concat", "location"]
 LuongMode = Literal["global", "local-m", "local-p"]
 LUONG_SCORES = ("dot", "general", "concat", "location")
+"""The ``score`` functions of Luong et al. (2015), section 3.1."""
 LUONG_MODES = ("global", "local-m", "local-p")
+"""Global attention and the two local modes (monotonic and predictive), sections 3.1-3.2."""
 
 # -- configuration checks ------------------------------------------------------------------
 

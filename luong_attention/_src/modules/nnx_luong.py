@@ -38,10 +38,13 @@ class LuongAttention(nnx.Module):
     """``flax.nnx`` Luong attention; see :class:`luong_attention.luong.LuongAttention`.
 
     Args:
-      query_features: the query depth ``dq``; memory_features: the memory depth ``dm``.
-      score, mode, window, units, max_length, use_scale, dtype, param_dtype, precision,
-      kernel_init, vector_init: as in the linen module.
+      query_features: the query depth ``dq``.
+      memory_features: the memory depth ``dm``.
       rngs: an ``nnx.Rngs`` with a ``params`` stream.
+
+    ``score``, ``mode``, ``window``, ``units``, ``max_length``, ``use_scale``, ``dtype``,
+    ``param_dtype``, ``precision``, ``kernel_init`` and ``vector_init`` are those of the linen
+    module.
 
     Example usage::
 
