@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder")
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per impl")
     parser.add_argument("--no-memory", action="store_true", help="skip the child processes")
+    parser.add_argument(
+        "--only", default=None, help="run only the rows with this tag (e.g. bfloat16, causal)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--torch-child", help=argparse.SUPPRESS)
 
@@ -73,11 +76,18 @@ def _rows(quick: bool) -> list[dict[str, Any]]:
         rows += [
             dict(mode="concat", batch=2, length=64, dim=16, kind="grad"),
             dict(mode="dot", batch=2, length=64, dim=16, kind="grad", causal=True),
+            dict(mode="dot", batch=2, length=64, dim=16, kind="fwd", dtype="bfloat16"),
         ]
         return [
-            dict(row, tags=["causal"] if row.get("causal") else [], measure_memory=i == 0)
+            dict(
+                row,
+                dtype=row.get("dtype", "float32"),
+                tags=[tag for tag, on in (("causal", row.get("causal")),
+                                          ("bfloat16", "dtype" in row)) if on],
+                measure_memory=i == 0,
+            )
             for i, row in enumerate(rows)
-        ]
+        ]  # fmt: skip
     rows = [
         dict(mode="dot", batch=1, length=t, dim=64, kind=kind, tags=[], measure_memory=True)
         for t in (256, 1024, 2048, 4096, 8192, 16384)
@@ -99,6 +109,19 @@ def _rows(quick: bool) -> list[dict[str, Any]]:
         for t in (4096, 8192)
         for kind in ("fwd", "grad")
     ]
+    # Mixed precision: half-precision inputs (the matmul operand dtype follows the machine,
+    # see resolve_matmul_dtype), against Keras under the same dtype policy and torch.
+    rows += [
+        dict(
+            mode="dot", batch=batch, length=t, dim=64, kind=kind, dtype=dtype, tags=[dtype, "half"]
+        )
+        for dtype, shapes in (
+            ("bfloat16", ((1, 4096), (1, 8192), (8, 512), (8, 1024))),
+            ("float16", ((1, 4096),)),
+        )
+        for batch, t in shapes
+        for kind in ("fwd", "grad")
+    ]
     # Batches of short and of long rows: the dispatch rule's batch clause.
     rows += [
         dict(mode=mode, batch=batch, length=t, dim=64, kind=kind, tags=["batched"])
@@ -106,17 +129,18 @@ def _rows(quick: bool) -> list[dict[str, Any]]:
         for kind in ("fwd", "grad")
     ]
     for row in rows:
-        row.setdefault("measure_memory", True)
+        row.setdefault("measure_memory", "float32" == row.setdefault("dtype", "float32"))
         if row["mode"] == "dot" and row["length"] == 8192 and row["kind"] == "grad":
             row["tags"].append("dot-memory")
     return rows
 
 
 def _inputs(row: dict[str, Any], seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``query, key, value`` of shape ``[batch, length, dim]``, float32, unit scale."""
+    """``query, key, value`` of shape ``[batch, length, dim]`` in the row's dtype."""
     rng = np.random.default_rng(seed)
     shape = (row["batch"], row["length"], row["dim"])
-    return tuple(jnp.asarray(rng.normal(size=shape) / math.sqrt(row["dim"]), jnp.float32)
+    dtype = jnp.dtype(row.get("dtype", "float32"))
+    return tuple(jnp.asarray(rng.normal(size=shape) / math.sqrt(row["dim"]), dtype)
                  for _ in range(3))  # fmt: skip
 
 
@@ -140,7 +164,7 @@ def _available(impl: str, row: dict[str, Any]) -> bool:
 
 
 def _forward_fn(
-    impl: str, mode: str, causal: bool
+    impl: str, mode: str, causal: bool, dtype: str = "float32"
 ) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
     """``f(query, key, value) -> output`` for one implementation (unscaled scores)."""
     if impl.startswith("ours"):
@@ -155,7 +179,8 @@ def _forward_fn(
     os.environ.setdefault("KERAS_BACKEND", "jax")
     import keras
 
-    layer = keras.layers.Attention(score_mode=mode)
+    # Keras under the inputs' dtype policy ("bfloat16": its softmax runs in bfloat16 too).
+    layer = keras.layers.Attention(score_mode=mode, dtype=dtype)
     return lambda q, k, v: layer([q, v, k], use_causal_mask=causal)
 
 
@@ -168,19 +193,42 @@ def _built_keras(forward: Callable, dim: int) -> Callable:
 
 def _compiled(impl: str, row: dict[str, Any]) -> Callable:
     """The jitted forward, or forward+grad with respect to query, key and value."""
-    forward = _forward_fn(impl, row["mode"], row.get("causal", False))
+    forward = _forward_fn(impl, row["mode"], row.get("causal", False), row["dtype"])
     if impl == "keras":
         forward = _built_keras(forward, row["dim"])
     if row["kind"] == "fwd":
         return jax.jit(forward)
     # A fixed non-uniform cotangent, so no implementation can shortcut the backward pass.
-    return jax.jit(jax.grad(lambda q, k, v: (forward(q, k, v) * v[..., :1]).sum(), (0, 1, 2)))
+    return jax.jit(
+        jax.grad(
+            lambda q, k, v: (forward(q, k, v) * v[..., :1]).astype(jnp.float32).sum(), (0, 1, 2)
+        )
+    )
 
 
 def _max_diff(a: Any, b: Any) -> float:
     """The largest absolute difference between two (tuples of) arrays."""
     leaves = zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
-    return max(float(jnp.max(jnp.abs(x - y))) for x, y in leaves)
+    return max(float(jnp.max(jnp.abs(_f32(x) - _f32(y)))) for x, y in leaves)
+
+
+def _f32(x: Any) -> jax.Array:
+    return jnp.asarray(x).astype(jnp.float32)
+
+
+def _errors(row: dict[str, Any], results: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Max and rms error of each forward output against float64 from the rounded inputs."""
+    q, k, v = (np.asarray(_f32(x), np.float64) for x in _inputs(row))
+    scores = q @ np.swapaxes(k, -1, -2)
+    if row.get("causal"):
+        scores = np.where(np.tril(np.ones(scores.shape[-2:], bool)), scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    reference = (weights / weights.sum(-1, keepdims=True)) @ v
+    errors = {}
+    for impl, out in results.items():
+        diff = np.asarray(_f32(out), np.float64) - reference
+        errors[impl] = {"max": float(np.abs(diff).max()), "rms": float(np.sqrt((diff**2).mean()))}
+    return errors
 
 
 def _time_row(row: dict[str, Any], impls: list[str], repeats: int) -> dict[str, Any]:
@@ -200,9 +248,13 @@ def _time_row(row: dict[str, Any], impls: list[str], repeats: int) -> dict[str, 
     agreement = {
         impl: _max_diff(out, reference) / max(scale, 1e-30) for impl, out in results.items()
     }
-    bad = {impl: d for impl, d in agreement.items() if not d < 1e-3}
+    # A sanity check (the accuracy contract lives in the tests): half precision, and Keras's
+    # half-precision softmax, differ from the float32 peers by up to a few percent.
+    tolerance = 1e-3 if row["dtype"] == "float32" else 0.25
+    bad = {impl: d for impl, d in agreement.items() if not d < tolerance}
     if bad:
         raise RuntimeError(f"implementations disagree on {row}: relative max diff {bad}")
+    errors = _errors(row, results) if row["dtype"] != "float32" and row["kind"] == "fwd" else None
     del results
     times: dict[str, list[float]] = {impl: [] for impl in fns}
     for _ in range(repeats):
@@ -218,7 +270,8 @@ def _time_row(row: dict[str, Any], impls: list[str], repeats: int) -> dict[str, 
     if torch_run is not None:
         medians["torch"] = torch_run["time_s"]
     torch_memory = None if torch_run is None else torch_run["memory"]
-    return {"time_s": medians, "agreement": agreement, "torch_memory": torch_memory}
+    report = {"time_s": medians, "agreement": agreement, "torch_memory": torch_memory}
+    return report if errors is None else dict(report, errors=errors)
 
 
 def _torch_child(spec: dict[str, Any]) -> None:
@@ -226,7 +279,10 @@ def _torch_child(spec: dict[str, Any]) -> None:
     the peak RSS growth of one call, saves the output (or gradients) to ``spec["out"]``."""
     import torch
 
-    q, k, v = (torch.from_numpy(np.asarray(x)[:, None].copy()) for x in _inputs(spec))
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    q, k, v = (
+        torch.from_numpy(np.asarray(_f32(x))[:, None].copy()).to(dtype) for x in _inputs(spec)
+    )
     grad = spec["kind"] == "grad"
 
     def call() -> tuple[Any, ...]:
@@ -236,7 +292,7 @@ def _torch_child(spec: dict[str, Any]) -> None:
         )
         if not grad:
             return (out.detach(),)
-        return torch.autograd.grad((out * vv[..., :1]).sum(), (qq, kk, vv))
+        return torch.autograd.grad((out * vv[..., :1]).float().sum(), (qq, kk, vv))
 
     # Memory of the first call (as for the jitted calls: nothing of it is cached yet; later
     # calls reuse the allocator's cached blocks and show almost no growth).
@@ -247,7 +303,7 @@ def _torch_child(spec: dict[str, Any]) -> None:
         start = time.perf_counter()
         call()
         times.append(time.perf_counter() - start)
-    np.savez(spec["out"], *(x[:, 0].numpy() for x in result))
+    np.savez(spec["out"], *(x[:, 0].float().numpy() for x in result))
     print(json.dumps({"time_s": statistics.median(times), "memory": memory}))
 
 
@@ -315,11 +371,12 @@ def _measure_memory(row: dict[str, Any], impl: str) -> dict[str, float] | None:
     return _child(dict(row, impl=impl), "--child", "memory")
 
 
-def _matmul_gflops(repeats: int) -> float:
-    """f32 GFLOP/s of a plain jitted 2048 x 2048 matmul (median of ``repeats``)."""
+def _matmul_gflops(repeats: int, dtype: str = "float32") -> float:
+    """GFLOP/s of a plain jitted 2048 x 2048 matmul of ``dtype`` operands, accumulated in
+    float32 (median of ``repeats``)."""
     rng = np.random.default_rng(1)
-    a, b = (jnp.asarray(rng.normal(size=(2048, 2048)), jnp.float32) for _ in range(2))
-    matmul = jax.jit(jnp.matmul)
+    a, b = (jnp.asarray(rng.normal(size=(2048, 2048)), dtype) for _ in range(2))
+    matmul = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
     jax.block_until_ready(matmul(a, b))
     times = []
     for _ in range(repeats):
@@ -351,9 +408,20 @@ def _machine() -> dict[str, Any]:
     }
 
 
-def _summary(rows: list[dict[str, Any]], gflops: float) -> dict[str, Any]:
+def _summary(
+    rows: list[dict[str, Any]], gflops: float, half_gflops: dict[str, float]
+) -> dict[str, Any]:
     """The issue's targets, as ratios computed from the measured rows."""
     out: dict[str, Any] = {"matmul_gflops": gflops}
+    out.update({f"{dtype}_matmul_gflops": rate for dtype, rate in half_gflops.items()})
+    float32 = {_shape_key(r): r for r in rows if r["dtype"] == "float32"}
+    for row in rows:
+        twin = float32.get(_shape_key(row)) if row["dtype"] != "float32" else None
+        if twin and "ours" in twin.get("time_s", {}) and "ours" in row.get("time_s", {}):
+            row["speedup_over_float32"] = twin["time_s"]["ours"] / row["time_s"]["ours"]
+        if row["dtype"] in half_gflops and row["kind"] == "fwd" and "ours" in row.get("time_s", {}):
+            rate = _forward_flops(row) / row["time_s"]["ours"] / 1e9
+            row["efficiency"] = rate / half_gflops[row["dtype"]]
     for row in rows:
         times, mem = row.get("time_s", {}), row.get("memory", {})
         peers = [times[p] for p in PEERS if p in times]
@@ -374,6 +442,12 @@ def _summary(rows: list[dict[str, Any]], gflops: float) -> dict[str, Any]:
     return out
 
 
+def _shape_key(row: dict[str, Any]) -> tuple:
+    """The row's problem without its dtype: (mode, batch, length, dim, kind, causal)."""
+    keys = ("mode", "batch", "length", "dim", "kind")
+    return (*(row[key] for key in keys), bool(row.get("causal")))
+
+
 def _plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     """Time and memory against T (log-log), one panel per (mode, kind)."""
     import matplotlib
@@ -384,6 +458,8 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
 
     # The B=1, dim 64 grid: untagged rows plus the T=8192 memory and T=65536 scale rows.
     grid = [r for r in rows if set(r["tags"]) <= {"dot-memory", "scale"}]
+    if not grid:
+        return []
     panels = sorted({(r["mode"], r["kind"]) for r in grid})
     paths = []
     for metric, label in (("time_s", "median time [s]"), ("memory", "peak RSS growth [MiB]")):
@@ -433,9 +509,22 @@ def run(args: argparse.Namespace) -> None:
 
     os.environ.setdefault("KERAS_BACKEND", "jax")
     rows = _rows(args.quick)
+    if args.only:
+        chosen = [row for row in rows if args.only in row["tags"]]
+        if not chosen:
+            raise SystemExit(f"bench: no row is tagged {args.only!r}")
+        # Half-precision rows bring their float32 twins: the speed-up is a same-run ratio.
+        twins = {_shape_key(row) for row in chosen if row["dtype"] != "float32"}
+        rows = [
+            r for r in rows if r in chosen or (r["dtype"] == "float32" and _shape_key(r) in twins)
+        ]
     repeats = args.repeats or (2 if args.quick else 5)
     args.out.mkdir(parents=True, exist_ok=True)
     gflops = _matmul_gflops(max(repeats, 5))
+    half_gflops = {
+        dtype: _matmul_gflops(max(repeats, 5), dtype)
+        for dtype in sorted({row["dtype"] for row in rows} - {"float32"})
+    }
     for row in tqdm(rows, desc="bench", unit="row"):
         q, k, v = _inputs(row)
         row["dispatch"] = select_implementation(row["mode"], q, k, v)
@@ -468,7 +557,7 @@ def run(args: argparse.Namespace) -> None:
         if wants_memory and torch_memory is not None:
             row["memory"]["torch"] = torch_memory
         result = {"machine": _machine(), "quick": args.quick, "rows": rows}
-        result["summary"] = _summary(rows, gflops)
+        result["summary"] = _summary(rows, gflops, half_gflops)
         (args.out / "bench.json").write_text(json.dumps(result, indent=1))  # after every row
     paths = _plot(rows, args.out)
     _print_table(rows, result["summary"])
@@ -478,10 +567,10 @@ def run(args: argparse.Namespace) -> None:
 def _print_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     """A Markdown table of the rows (ms and MiB) and the summary ratios."""
     mem_impls = ("ours", "keras", "jax.nn", "torch")
-    print("| mode | B | T | dim | pass | " + " | ".join(f"{i} ms" for i in IMPLS)
+    print("| mode | dtype | B | T | dim | pass | " + " | ".join(f"{i} ms" for i in IMPLS)
           + " | ours/best peer | ours/torch | "
           + " | ".join(f"{i} MiB" for i in mem_impls) + " |")  # fmt: skip
-    print("|" + "---|" * (5 + len(IMPLS) + 2 + len(mem_impls)))
+    print("|" + "---|" * (6 + len(IMPLS) + 2 + len(mem_impls)))
     for r in rows:
         times = [_metric_value(r, "time_s", i) for i in IMPLS]
         mems = [_metric_value(r, "memory", i) for i in mem_impls]
@@ -490,6 +579,17 @@ def _print_table(rows: list[dict[str, Any]], summary: dict[str, Any]) -> None:
             cells += [f"{r[ratio]:.2f}" if ratio in r else "-"]
         cells += [f"{m:.1f}" if m is not None else "-" for m in mems]
         mode = r["mode"] + (" causal" if r.get("causal") else "")
-        print(f"| {mode} | {r['batch']} | {r['length']} | {r['dim']} | {r['kind']} | "
+        print(f"| {mode} | {r['dtype']} | {r['batch']} | {r['length']} | {r['dim']} | {r['kind']} | "
               + " | ".join(cells) + " |")  # fmt: skip
+    half = {
+        f"{r['mode']} {r['dtype']} B={r['batch']} T={r['length']} {r['kind']}": {
+            key: r[key]
+            for key in ("speedup_over_float32", "ratio_to_torch", "efficiency", "errors")
+            if key in r
+        }
+        for r in rows
+        if r["dtype"] != "float32"
+    }
+    if half:
+        print(json.dumps(half, indent=1))
     print(json.dumps(summary, indent=1))

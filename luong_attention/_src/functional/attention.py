@@ -11,7 +11,7 @@ from typing import Literal
 import chex
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
+from jax.typing import ArrayLike, DTypeLike
 
 from luong_attention._src.kernels import blocked
 from luong_attention._src.primitives import checks
@@ -20,7 +20,8 @@ from luong_attention._src.primitives.scores import (
     PrecisionLike,
     concat_scores,
     dot_scores,
-    stats_dtype,
+    resolve_matmul_dtype,
+    weighted_sum,
 )
 
 ScoreMode = Literal["dot", "concat"]
@@ -97,19 +98,14 @@ def apply_scores(
 
     Returns:
       ``(output, weights)``: ``output [batch..., q_length, value_depth]`` and the (dropped)
-      ``weights [batch..., q_length, kv_length]``, both in ``scores``' dtype.
+      ``weights [batch..., q_length, kv_length]``, both in ``scores``' dtype. A bfloat16 or
+      float16 ``value`` makes the weighted sum take low-precision operands (the weights
+      rounded to ``value``'s dtype) with float32 accumulation.
     """
     weights = jax.nn.softmax(mask_scores(scores, mask), axis=-1)
     if dropout_rate > 0.0:
         weights = dropout_weights(weights, dropout_rate, dropout_rng)
-    output = jnp.einsum(
-        "...qk,...kv->...qv",
-        weights,
-        value,
-        precision=precision,
-        preferred_element_type=weights.dtype,
-    )
-    return output, weights
+    return weighted_sum(weights, value, precision=precision), weights
 
 
 def apply_query_mask(output: jax.Array, query_mask: ArrayLike | None) -> jax.Array:
@@ -185,6 +181,7 @@ def attention(
     return_attention_scores: bool = False,
     precision: PrecisionLike = None,
     implementation: Implementation | None = None,
+    matmul_dtype: DTypeLike | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Luong-style attention with the exact semantics of ``keras.layers.Attention``.
 
@@ -216,6 +213,11 @@ def attention(
         own). With ``return_attention_scores`` the blocked path still computes its output
         blockwise but must also build the dense ``[Tq, Tv]`` weights (one extra dense score
         pass and ``Tq * Tv`` memory), so ``None`` picks ``"xla"`` then.
+      matmul_dtype: dtype of the operands of the two matmuls (query-key and weights-value,
+        and the backward's); they always accumulate in float32, and the softmax and its
+        statistics always run in float32. ``None``: the inputs' dtype, except bfloat16 and
+        float16 on a CPU without matrix units for them, which multiply in float32 (faster
+        there); see :func:`resolve_matmul_dtype`.
 
     Returns:
       ``output [batch..., q_length, value_depth]``, or ``(output, weights)`` with
@@ -242,11 +244,16 @@ def attention(
         dropout_rng=dropout_rng,
     )
     dtype = jnp.result_type(query, key, value)
+    operand = resolve_matmul_dtype(dtype, matmul_dtype)
     q_length, kv_length = query.shape[-2], key.shape[-2]
     if implementation is None:
         implementation = select_implementation(
             score_mode, query, key, value, return_attention_scores=return_attention_scores
         )
+    # "dot" multiplies in the operand dtype; "concat" adds, so its tanh runs in float32.
+    score_query, score_key = (
+        (query.astype(operand), key.astype(operand)) if score_mode == "dot" else (query, key)
+    )
     scores_args = dict(
         score_mode=score_mode,
         scale=scale,
@@ -261,13 +268,14 @@ def attention(
             use_causal_mask=use_causal_mask,
             dropout_rate=float(dropout_rate),
             dropout_rng=dropout_rng,
+            matmul_dtype=operand,
             **scores_args,
         )
         weights = None
         if return_attention_scores:
             weights = _blocked_weights(
-                query,
-                key,
+                score_query,
+                score_key,
                 value_mask,
                 use_causal_mask,
                 dropout_rate,
@@ -276,13 +284,13 @@ def attention(
                 batch_shape=output.shape[:-2],
             )
     else:
-        scores = compute_scores(query, key, precision=precision, **scores_args)
+        scores = compute_scores(score_query, score_key, precision=precision, **scores_args)
         mask = score_mask(
             value_mask, use_causal_mask=use_causal_mask, q_length=q_length, kv_length=kv_length
         )
         output, weights = apply_scores(
             scores,
-            value.astype(stats_dtype(dtype)),
+            value.astype(operand),
             mask,
             dropout_rate=float(dropout_rate),
             dropout_rng=dropout_rng,
@@ -387,6 +395,7 @@ def blocked_attention_with_lse(
     dropout_rng: jax.Array | None = None,
     block_q: int | None = None,
     block_kv: int | None = None,
+    matmul_dtype: DTypeLike | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Memory-efficient attention that also returns each row's logsumexp.
 
@@ -412,6 +421,7 @@ def blocked_attention_with_lse(
       score_mode, scale, concat_score_weight, dropout_rate, dropout_rng: as in
         :func:`attention`; dropout tile ``(i, j)`` uses ``fold_in(dropout_rng, i * n_kv + j)``.
       block_q, block_kv: tile sizes (``None``: :func:`blocked.default_blocks`).
+      matmul_dtype: the matmuls' operand dtype, as in :func:`attention`.
 
     Returns:
       ``(output [batch..., Tq, dim_v], lse [batch..., Tq])``: the normalised output and the
@@ -445,4 +455,5 @@ def blocked_attention_with_lse(
         dropout_rng=dropout_rng,
         block_q=block_q,
         block_kv=block_kv,
+        matmul_dtype=matmul_dtype,
     )

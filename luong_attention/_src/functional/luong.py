@@ -36,7 +36,13 @@ from jax.typing import ArrayLike
 
 from luong_attention._src.primitives import checks
 from luong_attention._src.primitives.masks import as_bool_mask, mask_scores
-from luong_attention._src.primitives.scores import PrecisionLike, dot_scores, stats_dtype
+from luong_attention._src.primitives.scores import (
+    PrecisionLike,
+    dot_scores,
+    resolve_matmul_dtype,
+    stats_dtype,
+    weighted_sum,
+)
 
 LuongScore = Literal["dot", "general", "concat", "location"]
 LuongMode = Literal["global", "local-m", "local-p"]
@@ -454,13 +460,8 @@ def luong_attend(
     if gaussian is not None:
         weights = weights * gaussian.astype(weights.dtype)
     dtype = jnp.result_type(query, memory)
-    context = jnp.einsum(
-        "...qv,...vd->...qd",
-        weights,
-        memory.astype(weights.dtype),
-        precision=precision,
-        preferred_element_type=weights.dtype,
-    )
+    memory = memory.astype(resolve_matmul_dtype(dtype))
+    context = weighted_sum(weights, memory, precision=precision)
     return context.astype(dtype), weights.astype(dtype)
 
 

@@ -32,7 +32,12 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from luong_attention._src.primitives.masks import MASK_PENALTY, as_bool_mask
-from luong_attention._src.primitives.scores import concat_scores, dot_scores, stats_dtype
+from luong_attention._src.primitives.scores import (
+    concat_scores,
+    dot_scores,
+    resolve_matmul_dtype,
+    stats_dtype,
+)
 
 # Padded keys get this bias: far below a penalised score (about -1e9), still finite in f32.
 _PAD_PENALTY = 1.0e30
@@ -173,10 +178,19 @@ def _from_blocks(x: jax.Array, length: int) -> jax.Array:
     return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
 
 
-def _bmm(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
-    """Batched (over axis 0) matmul contracting ``a``'s and ``b``'s given axes, in f32+."""
+def _bmm(a: jax.Array, b: jax.Array, contract: tuple[int, int], out: jnp.dtype) -> jax.Array:
+    """Batched (over axis 0) matmul contracting ``a``'s and ``b``'s given axes.
+
+    Both operands are multiplied in the narrower of their dtypes (the float32 weights or
+    score gradients meet bfloat16/float16 inputs as low-precision operands, as in
+    FlashAttention) and accumulated in ``out`` (float32 or wider).
+    """
+    narrow = a.dtype if jnp.finfo(a.dtype).bits <= jnp.finfo(b.dtype).bits else b.dtype
     return jax.lax.dot_general(
-        a, b, (((contract[0],), (contract[1],)), ((0,), (0,))), preferred_element_type=a.dtype
+        a.astype(narrow),
+        b.astype(narrow),
+        (((contract[0],), (contract[1],)), ((0,), (0,))),
+        preferred_element_type=out,
     )
 
 
@@ -279,18 +293,20 @@ def _tiles(
     v: jax.Array,
     value_mask: jax.Array | None,
     offsets: tuple[jax.Array, jax.Array],
+    stats: jnp.dtype,
 ) -> tuple[
     jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None, tuple[jax.Array, ...]
 ]:
     """What forward and backward both start from: block-major ``q``/``k``/``v``
-    (``[n_blocks, B, block, ...]``), the per-key-block biases and the tile schedule."""
+    (``[n_blocks, B, block, ...]``), the per-key-block biases (in ``stats``, the float32+
+    dtype of the scores) and the tile schedule."""
     qb, kb, vb = (
         _to_blocks(q, cfg.block_q),
         _to_blocks(k, cfg.block_kv),
         _to_blocks(v, cfg.block_kv),
     )
     n_q, n_kv = qb.shape[0], kb.shape[0]
-    biases = _key_biases(cfg, value_mask, n_kv, q.dtype)
+    biases = _key_biases(cfg, value_mask, n_kv, stats)
     return qb, kb, vb, biases, _schedule(cfg, value_mask, offsets, n_q, n_kv)
 
 
@@ -310,9 +326,9 @@ def _forward(
     are ``[n_q, B, bq]``. They are kept apart because in a fully masked row ``m`` is about
     ``-1e9``, where float32 cannot hold ``m + log(denom)`` to better than 64.
     """
-    qb, kb, vb, biases, (kv_stop, _, _) = _tiles(cfg, q, k, v, value_mask, offsets)
+    qb, kb, vb, biases, (kv_stop, _, _) = _tiles(cfg, q, k, v, value_mask, offsets, weight.dtype)
     n_q = qb.shape[0]
-    batch, dim_v = q.shape[0], v.shape[-1]
+    batch, dim_v, stats = q.shape[0], v.shape[-1], weight.dtype
 
     def q_block(args):
         i, q_i = args
@@ -328,13 +344,13 @@ def _forward(
             alpha = jnp.exp(m - m_new)
             denom = alpha * denom + p.sum(-1)
             keep = _tile_keep(cfg, rng, i, j, p.shape)
-            pv = _bmm(p if keep is None else p * keep, vb[j], (2, 1))
+            pv = _bmm(p if keep is None else p * keep, vb[j], (2, 1), stats)
             return m_new, denom, alpha[..., None] * acc + pv
 
         init = (
-            jnp.full((batch, cfg.block_q), -jnp.inf, q.dtype),
-            jnp.zeros((batch, cfg.block_q), q.dtype),
-            jnp.zeros((batch, cfg.block_q, dim_v), q.dtype),
+            jnp.full((batch, cfg.block_q), -jnp.inf, stats),
+            jnp.zeros((batch, cfg.block_q), stats),
+            jnp.zeros((batch, cfg.block_q, dim_v), stats),
         )
         m, denom, acc = jax.lax.fori_loop(0, kv_stop[i], kv_step, init)
         return acc / denom[..., None], m, denom
@@ -364,11 +380,14 @@ def _backward(
     adding into ``dq``. ``out``/``m``/``denom`` are block-major; ``d_out``/``d_lse`` are
     ``[B, Tq, ...]``.
     """
-    qb, kb, vb, biases, (_, q_start, n_full) = _tiles(cfg, q, k, v, value_mask, offsets)
+    stats = weight.dtype
+    qb, kb, vb, biases, (_, q_start, n_full) = _tiles(cfg, q, k, v, value_mask, offsets, stats)
     n_q, n_kv = qb.shape[0], kb.shape[0]
     d_outb = _to_blocks(d_out, cfg.block_q)
     # d lse / d s = p, so the lse cotangent enters as a shift of the usual row term D.
     delta = (d_outb * out).sum(-1) - _to_blocks(d_lse, cfg.block_q)
+    # dO meets v and p in the matmuls: in the operand dtype, as the inputs.
+    d_outb = d_outb.astype(v.dtype)
     inv_denom = 1.0 / denom
 
     # Key-major tiles [B, bk, bq]: every matmul below is then NN or NT, which XLA:CPU runs
@@ -386,27 +405,27 @@ def _backward(
             i = jnp.where(t < head, t, q_start[j] + t - head)
             q_i, do_i = qb[i], d_outb[i]
             if cfg.score_mode == "dot":
-                s_t = _bmm(k_j, q_i, (2, 2))
+                s_t = _bmm(k_j, q_i, (2, 2), stats)
             else:
-                tanh = jnp.tanh(k_j[:, :, None, :] + q_i[:, None, :, :])
+                tanh = jnp.tanh(k_j.astype(stats)[:, :, None, :] + q_i.astype(stats)[:, None])
                 tanh_sum = tanh.sum(-1)
                 s_t = weight * tanh_sum
             bias = _tile_bias(cfg, biases, offsets, i, j)
             if bias is not None:
                 s_t = s_t + jnp.swapaxes(bias, -1, -2)
             p_t = jnp.exp(s_t - m[i][:, None, :]) * inv_denom[i][:, None, :]
-            dp_t = _bmm(v_j, do_i, (2, 2))
+            dp_t = _bmm(v_j, do_i, (2, 2), stats)
             keep = _tile_keep(cfg, rng, i, j, (p_t.shape[0], cfg.block_q, cfg.block_kv))
             if keep is None:
-                dv_j = dv_j + _bmm(p_t, do_i, (2, 1))
+                dv_j = dv_j + _bmm(p_t, do_i, (2, 1), stats)
             else:
                 keep_t = jnp.swapaxes(keep, -1, -2)
                 dp_t = dp_t * keep_t
-                dv_j = dv_j + _bmm(p_t * keep_t, do_i, (2, 1))
+                dv_j = dv_j + _bmm(p_t * keep_t, do_i, (2, 1), stats)
             ds_t = p_t * (dp_t - delta[i][:, None, :])
             if cfg.score_mode == "dot":
-                dk_j = dk_j + _bmm(ds_t, q_i, (2, 1))
-                dq_i = _bmm(key_t[j], ds_t, (2, 1))
+                dk_j = dk_j + _bmm(ds_t, q_i, (2, 1), stats)
+                dq_i = _bmm(key_t[j], ds_t, (2, 1), stats)
             else:
                 dweight = dweight + (ds_t * tanh_sum).sum()
                 g = (weight * ds_t)[..., None] * (1.0 - tanh * tanh)
@@ -414,23 +433,24 @@ def _backward(
                 dq_i = g.sum(1)
             return dk_j, dv_j, dq.at[i].add(dq_i), dweight
 
-        init = (jnp.zeros_like(k_j), jnp.zeros_like(v_j), dq, dweight)
+        init = (jnp.zeros(k_j.shape, stats), jnp.zeros(v_j.shape, stats), dq, dweight)
         dk_j, dv_j, dq, dweight = jax.lax.fori_loop(0, head + n_q - q_start[j], q_step, init)
         return (dq, dweight), (dk_j, dv_j)
 
     def scan_step(carry, j):
         return kv_block(j, carry)
 
-    dq = jnp.zeros_like(jnp.swapaxes(qb, -1, -2) if cfg.score_mode == "dot" else qb)
+    dq_shape = jnp.swapaxes(qb, -1, -2).shape if cfg.score_mode == "dot" else qb.shape
     (dq, dweight), (dk, dv) = jax.lax.scan(
-        scan_step, (dq, jnp.zeros((), q.dtype)), jnp.arange(n_kv)
+        scan_step, (jnp.zeros(dq_shape, stats), jnp.zeros((), stats)), jnp.arange(n_kv)
     )
     if cfg.score_mode == "dot":
         dq = jnp.swapaxes(dq, -1, -2)
+    # Accumulated in float32 over the tiles; handed back in the inputs' (operand) dtype.
     return (
-        _from_blocks(dq, cfg.q_length),
-        _from_blocks(dk, cfg.kv_length),
-        _from_blocks(dv, cfg.kv_length),
+        _from_blocks(dq, cfg.q_length).astype(q.dtype),
+        _from_blocks(dk, cfg.kv_length).astype(k.dtype),
+        _from_blocks(dv, cfg.kv_length).astype(v.dtype),
         dweight,
     )
 
@@ -506,6 +526,7 @@ def blocked_attention(
     dropout_rng: jax.Array | None = None,
     block_q: int | None = None,
     block_kv: int | None = None,
+    matmul_dtype: jnp.dtype | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Blocked attention on checked arrays (see :func:`blocked_attention_with_lse`).
 
@@ -513,24 +534,32 @@ def blocked_attention(
       query: ``[batch..., Tq, depth]``; value: ``[batch..., Tv, dim_v]``;
       key: ``[batch..., Tv, depth]``; value_mask: ``[batch..., Tv]`` or ``None``.
 
+    Query, key and value enter the matmuls in ``resolve_matmul_dtype(inputs, matmul_dtype)``
+    (bfloat16/float16 stay low precision where the hardware multiplies them natively); the
+    scores, the running max, denominator and output accumulator, the logsumexp and the
+    gradient accumulators are ``stats_dtype`` (float32 for float32/16 inputs).
+
     Returns:
-      ``(output [batch..., Tq, dim_v], lse [batch..., Tq])`` in ``stats_dtype`` (float32 for
-      float32/16 inputs).
+      ``(output [batch..., Tq, dim_v], lse [batch..., Tq])`` in ``stats_dtype``.
     """
-    dtype = stats_dtype(jnp.result_type(query, key, value))
+    input_dtype = jnp.result_type(query, key, value)
+    dtype = stats_dtype(input_dtype)
+    operand = resolve_matmul_dtype(input_dtype, matmul_dtype)
     value_mask = as_bool_mask(value_mask)
     mask_batch = () if value_mask is None else value_mask.shape[:-1]
     batch_shape = jnp.broadcast_shapes(
         query.shape[:-2], key.shape[:-2], value.shape[:-2], mask_batch
     )
-    q, k, v = (_flat(x, batch_shape, dtype) for x in (query, key, value))
+    q, k, v = (_flat(x, batch_shape, operand) for x in (query, key, value))
     if value_mask is not None:
         value_mask = _flat(value_mask, batch_shape, jnp.bool_, core_ndim=1)
     if scale is not None:
+        # Folded into the queries (and keys, for "concat") in float32, then rounded to the
+        # operand dtype: one rounding, as the inputs' own.
         scale = jnp.asarray(scale).astype(dtype)
-        q = q * scale
+        q = (q.astype(dtype) * scale).astype(operand)
         if score_mode == "concat":
-            k = k * scale
+            k = (k.astype(dtype) * scale).astype(operand)
     if score_mode == "concat":
         weight = jnp.asarray(1.0 if concat_score_weight is None else concat_score_weight)
         weight = weight.astype(dtype)

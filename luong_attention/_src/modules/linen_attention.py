@@ -44,10 +44,13 @@ class Attention(nn.Module):
       implementation: ``None`` (pick by problem size), ``"xla"`` or ``"blocked"``; see
         :func:`attention`. Not part of the Keras config: it changes speed and memory, not
         the numbers.
+      matmul_dtype: operand dtype of the attention matmuls (``None``: ``dtype``'s, or
+        float32 for bfloat16/float16 on a CPU without matrix units for them); see
+        :func:`attention`. Not part of the Keras config either.
       mesh, sequence_axis: run sequence parallel over ``mesh``'s axis ``sequence_axis`` with
         :func:`sequence_parallel_attention` (both or neither; the call must then be inside
         ``jax.jit`` or eager with inputs on that mesh). No dropout and no returned weights
-        there (``ValueError``).
+        there (``ValueError``); ``matmul_dtype`` is not used there.
       batch_axis, sequence_strategy, sequence_layout: passed on to
         :func:`sequence_parallel_attention` as ``batch_axis``, ``strategy`` and ``layout``.
 
@@ -71,6 +74,7 @@ class Attention(nn.Module):
     param_dtype: Dtype = jnp.float32
     precision: PrecisionLike = None
     implementation: Implementation | None = None
+    matmul_dtype: Dtype | None = None
     mesh: Mesh | None = None
     sequence_axis: str | None = None
     batch_axis: str | None = None
@@ -158,6 +162,7 @@ class Attention(nn.Module):
             return_attention_scores=return_attention_scores,
             precision=self.precision,
             implementation=self.implementation,
+            matmul_dtype=self.matmul_dtype,
             **common,
         )
 
