@@ -281,9 +281,14 @@ def test_data_parallel_batch_sharded_matches_single_device(score_mode):
     np.testing.assert_allclose(out, ref, **TOL)
 
 
-@pytest.mark.parametrize("strategy", ["replicated", "ring"])
-def test_bfloat16_keeps_dtype_and_matches_core(strategy):
-    """Half-precision inputs: float32 statistics inside, output in bfloat16, as the core."""
+@pytest.mark.parametrize("strategy", ["replicated", "ring", "ring-bfloat16-operands"])
+def test_bfloat16_keeps_dtype_and_matches_core(strategy, monkeypatch):
+    """Half-precision inputs: float32 statistics inside, output in bfloat16, as the core.
+    "ring-bfloat16-operands" makes the ring multiply in bfloat16 (as on hardware with bf16
+    matrix units; this CPU multiplies in float32), with float32 accumulators."""
+    if strategy == "ring-bfloat16-operands":
+        monkeypatch.setattr(parallel, "resolve_matmul_dtype", lambda dtype: jnp.dtype(dtype))
+        strategy = "ring"
     query, key, value = (x.astype(jnp.bfloat16) for x in _inputs((2,), 6, 10, 5, 3))
     _, value_mask = _masks((2,), 6, 10)
     kwargs = {"value_mask": value_mask, "use_causal_mask": True}

@@ -57,7 +57,7 @@ from luong_attention._src.functional.layout import (
 from luong_attention._src.functional.luong import length_mask
 from luong_attention._src.functional.ring import RingPlan, ring_attention_shards
 from luong_attention._src.primitives.masks import MASK_PENALTY, as_bool_mask, mask_scores
-from luong_attention._src.primitives.scores import stats_dtype
+from luong_attention._src.primitives.scores import resolve_matmul_dtype, stats_dtype
 
 # Row levels of a partial result (see the module docstring).
 PADDING_ONLY, MASKED_ONLY, VISIBLE = 0, 1, 2
@@ -487,16 +487,22 @@ def _ring_strategy(
     value_mask: jax.Array | None,
     split: Split,
 ) -> jax.Array:
-    """Ring attention, everything split: ``[batch..., q_length, value_depth]`` in float32."""
+    """Ring attention, everything split: ``[batch..., q_length, value_depth]`` in float32.
+
+    Query, key and value travel and enter the kernel's matmuls in the operand dtype of
+    :func:`resolve_matmul_dtype` (as the blocked kernel's own inputs); statistics and gradient
+    accumulators are float32 (``stats_dtype``).
+    """
     mesh, axis_name, batch_axis, batch_shape, use_causal_mask, score_mode, _, layout = split
-    dtype = stats_dtype(jnp.result_type(query, key, value))
+    input_dtype = jnp.result_type(query, key, value)
+    dtype, operand = stats_dtype(input_dtype), resolve_matmul_dtype(input_dtype)
     q_length, kv_length = query.shape[-2], key.shape[-2]
     devices = mesh.shape[axis_name]
     parts = 2 if layout == "zigzag" else 1
     q_chunk, kv_chunk = (-(-length // (devices * parts)) for length in (q_length, kv_length))
-    query = pad_length(query.astype(dtype), -2, devices * parts * q_chunk)
-    key = pad_length(key.astype(dtype), -2, devices * parts * kv_chunk)
-    value = pad_length(value.astype(dtype), -2, devices * parts * kv_chunk)
+    query = pad_length(query.astype(operand), -2, devices * parts * q_chunk)
+    key = pad_length(key.astype(operand), -2, devices * parts * kv_chunk)
+    value = pad_length(value.astype(operand), -2, devices * parts * kv_chunk)
     if value_mask is not None:
         value_mask = pad_length(as_bool_mask(value_mask), -1, devices * parts * kv_chunk, False)
     plan = RingPlan(
@@ -561,14 +567,16 @@ def fold_score_params(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Folds ``scale`` into the query (and the key for ``"concat"``), as the blocked kernel.
 
+    The product is taken in ``dtype`` (float32+) and rounded back to the operands' dtype.
+
     Returns ``(query, key, weight)`` with ``weight`` the ``concat_score_weight`` (1 when
-    ``None``; 0 and unused for ``"dot"``), all in ``dtype``.
+    ``None``; 0 and unused for ``"dot"``) in ``dtype``.
     """
     if scale is not None:
         scale = jnp.asarray(scale).astype(dtype)
-        query = query * scale
+        query = (query.astype(dtype) * scale).astype(query.dtype)
         if score_mode == "concat":
-            key = key * scale
+            key = (key.astype(dtype) * scale).astype(key.dtype)
     if score_mode != "concat":
         return query, key, jnp.zeros((), dtype)
     weight = 1.0 if concat_score_weight is None else concat_score_weight

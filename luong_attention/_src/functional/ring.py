@@ -254,7 +254,7 @@ def masked_row_grads(
     m, denom, d_out, delta = rows
     fills = ((query, 0.0), (m, 0.0), (denom, 1.0), (d_out, 0.0), (delta, 0.0))
     xs = tuple(block_major(x, chunk, fill) for x, fill in fills)
-    init = (jnp.zeros_like(key), jnp.zeros_like(value), jnp.zeros_like(weight))
+    init = (jnp.zeros(key.shape, weight.dtype), jnp.zeros(value.shape, weight.dtype), 0 * weight)
     (dk, dv, dweight), dq = jax.lax.scan(chunk_grads, init, xs)
     return blocked._from_blocks(dq, n_rows), dk, dv, dweight
 
@@ -275,7 +275,7 @@ def _pair_stats(
         return m, denom, out * denom[..., None]
 
     def skipped() -> Stats:
-        return _empty_stats(q.shape[0], plan.q_chunk, v.shape[-1], q.dtype)
+        return _empty_stats(q.shape[0], plan.q_chunk, v.shape[-1], weight.dtype)
 
     stats = jax.lax.cond(sees_block(plan, *offsets), kernel, skipped)
     if fully is None:
@@ -339,7 +339,7 @@ def _ring_forward(
         upcoming = pass_on(plan, held)
         return (upcoming, attend(held, index, stats)), None
 
-    carry = ((k, v, mask), _empty_stats(batch, q.shape[1], v.shape[-1], q.dtype))
+    carry = ((k, v, mask), _empty_stats(batch, q.shape[1], v.shape[-1], weight.dtype))
     held, stats = jax.lax.scan(step, carry, jnp.arange(plan.devices - 1))[0]
     m, denom, acc = attend(held, plan.devices - 1, stats)
     out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
@@ -381,7 +381,7 @@ def _pair_grads(
     def exact():
         masked_rows = tuple(jnp.where(_rows(fully, x), x, 0.0) for x in (d_out, delta))
         extra = masked_row_grads(plan, q, k, v, weight, real, (m, denom, *masked_rows))
-        return tuple(g + e for g, e in zip(grads, extra, strict=True))
+        return tuple((g + e).astype(g.dtype) for g, e in zip(grads, extra, strict=True))
 
     return jax.lax.cond(jnp.any(fully), exact, lambda: grads)
 
@@ -440,12 +440,14 @@ def _ring_backward(
         grads_b = pass_on(plan, grads_b)
         return (upcoming, grads_b, dq, dweight), None
 
-    carry = ((k, v, mask), (jnp.zeros_like(k), jnp.zeros_like(v)), jnp.zeros_like(q), 0 * weight)
+    stats = weight.dtype  # gradient accumulators, also those that travel
+    zeros = tuple(jnp.zeros(x.shape, stats) for x in (k, v, q))
+    carry = ((k, v, mask), zeros[:2], zeros[2], 0 * weight)
     held, grads_b, dq, dweight = jax.lax.scan(step, carry, jnp.arange(plan.devices - 1))[0]
     dq, dweight, grads_b = attend(held, grads_b, plan.devices - 1, dq, dweight)
     # After n steps the accumulators sit one device short of their owner: one last hop.
     dk, dv = pass_on(plan, grads_b)
-    return dq, dk, dv, dweight
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dweight
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -462,7 +464,9 @@ def ring_attention_shards(
     Args:
       q: ``[B, parts * q_chunk, depth]`` (``scale`` folded in); k: ``[B, parts * kv_chunk,
         depth]`` (times ``scale`` for ``"concat"``); v: ``[B, parts * kv_chunk, dim_v]``;
-        all float32 (or wider). weight: ``concat_score_weight`` (0 for ``"dot"``).
+        all in the matmul operand dtype. weight: ``concat_score_weight`` (0 for ``"dot"``)
+        in the statistics dtype (float32 or wider), which every statistic and gradient
+        accumulator uses.
       mask: bool ``[B, parts * kv_chunk]`` value mask, or ``None``.
 
     Returns:
