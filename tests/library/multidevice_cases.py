@@ -8,6 +8,7 @@ against Keras in its own tests) is the reference.
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 import luong_attention as la
 from luong_attention._src.functional import parallel
+from luong_attention.luong import LuongAttention
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -41,9 +43,10 @@ def _masks(batch, q_length, kv_length, seed=1):
     """Random masks with one fully masked value row and one masked query."""
     rng = np.random.default_rng(seed)
     value_mask = rng.random((*batch, kv_length)) > 0.4
-    value_mask[0] = False  # every query of batch row 0 sees no key at all
-    value_mask[-1, :3] = False  # with causal: the first 3 queries of the last row see nothing
-    value_mask[-1, 3] = True
+    rows = value_mask.reshape(-1, kv_length)  # a view: batch rows, whatever the batch dims
+    rows[0] = False  # every query of batch row 0 sees no key at all
+    rows[-1, :3] = False  # with causal: the first 3 queries of the last row see nothing
+    rows[-1, 3] = True
     query_mask = rng.random((*batch, q_length)) > 0.2
     return query_mask, value_mask
 
@@ -86,10 +89,18 @@ def test_sequence_parallel_matches_core(devices, score_mode, masked, causal, kv_
     mesh = _mesh(devices)
 
     def parallel(*args, **kw):
-        return la.sequence_parallel_attention(*args, mesh=mesh, axis_name="sp", **kw)
+        return la.sequence_parallel_attention(
+            *args, mesh=mesh, axis_name="sp", strategy="replicated", **kw
+        )
 
+    _assert_matches_core(parallel, query, key, value, kwargs, cotangent)
+
+
+def _assert_matches_core(fn, query, key, value, kwargs, cotangent):
+    """``fn``'s output and gradients (query, key, value, scale, concat_score_weight) equal
+    the single-device core's to 1e-5, all finite."""
     scale, weight = np.float32(0.7), np.float32(1.3)
-    out, grads = _loss_and_grads(parallel, query, key, value, scale, weight, kwargs, cotangent)
+    out, grads = _loss_and_grads(fn, query, key, value, scale, weight, kwargs, cotangent)
     ref_out, ref_grads = _loss_and_grads(
         la.attention, query, key, value, scale, weight, kwargs, cotangent
     )
@@ -99,8 +110,68 @@ def test_sequence_parallel_matches_core(devices, score_mode, masked, causal, kv_
     ):
         assert np.all(np.isfinite(got)), name
         np.testing.assert_allclose(got, want, **TOL, err_msg=name)
-    if score_mode == "dot":  # concat_score_weight is unused there
+    if kwargs["score_mode"] == "dot":  # concat_score_weight is unused there
         assert float(grads[4]) == 0.0
+
+
+# (devices, score_mode, masked, causal, q_length, kv_length, layout, batch): Tq != Tv
+# everywhere; contiguous with lengths that do not divide (11 keys on 8 devices: shards of
+# padding only), zigzag with lengths that are multiples of 2n; both modes, masks (fully masked
+# rows), causal, two batch dims, on 2, 4 and 8 devices.
+RING_CASES = [
+    (2, "dot", False, False, 12, 9, "contiguous", (3,)),
+    (4, "dot", True, True, 7, 11, "contiguous", (2, 2)),
+    (8, "concat", True, True, 9, 11, "contiguous", (3,)),
+    (2, "concat", False, True, 12, 8, "zigzag", (3,)),
+    (4, "dot", True, True, 16, 24, "zigzag", (2, 2)),
+    (8, "concat", True, False, 32, 16, "zigzag", (3,)),
+]
+
+
+@pytest.mark.parametrize(
+    ("devices", "score_mode", "masked", "causal", "q_length", "kv_length", "layout", "batch"),
+    RING_CASES,
+)
+def test_ring_matches_core(devices, score_mode, masked, causal, q_length, kv_length, layout, batch):
+    """Ring attention equals the core; zigzag inputs are reordered with to_zigzag and the
+    output put back with from_zigzag, so the gradients reach the natural order too."""
+    depth, value_depth = 5, 6
+    query, key, value = _inputs(batch, q_length, kv_length, depth, value_depth)
+    kwargs = {"score_mode": score_mode, "use_causal_mask": causal}
+    if masked:
+        kwargs["query_mask"], kwargs["value_mask"] = _masks(batch, q_length, kv_length)
+    cotangent = np.random.default_rng(2).normal(size=(*batch, q_length, value_depth))
+    mesh = _mesh(devices)
+
+    def ring(query, value, key, **kw):
+        if layout == "zigzag":
+            query, value, key = (la.to_zigzag(x, devices) for x in (query, value, key))
+            for name in ("query_mask", "value_mask"):
+                if name in kw:
+                    kw[name] = la.to_zigzag(kw[name], devices, axis=-1)
+        out = la.sequence_parallel_attention(
+            query, value, key, mesh=mesh, axis_name="sp", strategy="ring", layout=layout, **kw
+        )
+        return la.from_zigzag(out, devices) if layout == "zigzag" else out
+
+    _assert_matches_core(ring, query, key, value, kwargs, cotangent)
+
+
+def test_ring_keeps_every_array_split_and_takes_sharded_inputs():
+    """Inputs given split along the sequence; the output comes back split the same way."""
+    mesh = _mesh(4)
+    query, key, value = _inputs((2,), 8, 12, 5, 3)
+    split = NamedSharding(mesh, P(None, "sp", None))
+    query, key, value = (jax.device_put(x, split) for x in (query, key, value))
+    fn = jax.jit(
+        lambda q, v, k: la.sequence_parallel_attention(
+            q, v, k, mesh=mesh, axis_name="sp", use_causal_mask=True
+        )
+    )
+    out = fn(query, value, key)
+    assert out.sharding.is_equivalent_to(split, out.ndim)
+    ref = la.attention(np.asarray(query), np.asarray(value), np.asarray(key), use_causal_mask=True)
+    np.testing.assert_allclose(out, ref, **TOL)
 
 
 def test_fully_masked_rows_in_query_chunks(monkeypatch):
@@ -110,7 +181,8 @@ def test_fully_masked_rows_in_query_chunks(monkeypatch):
     test_sequence_parallel_matches_core(4, "concat", True, True, 11)
 
 
-def test_fully_masked_rows_with_large_scores_keep_keras_fill():
+@pytest.mark.parametrize("strategy", ["replicated", "ring"])
+def test_fully_masked_rows_with_large_scores_keep_keras_fill(strategy):
     """Scores of +-100: the core's ``score - 1e9`` rounds them to multiples of 64, so a fully
     masked row is not a plain mean; the merge must reproduce that, and padding must not count."""
     batch, q_length, kv_length, depth, value_depth = (2,), 3, 13, 4, 5
@@ -120,7 +192,7 @@ def test_fully_masked_rows_with_large_scores_keep_keras_fill():
     mesh = _mesh(4)
     out = jax.jit(
         lambda q, v, k, vm: la.sequence_parallel_attention(
-            q, v, k, mesh=mesh, axis_name="sp", value_mask=vm
+            q, v, k, mesh=mesh, axis_name="sp", value_mask=vm, strategy=strategy
         )
     )(query, value, key, value_mask)
     ref = la.attention(query, value, key, value_mask=value_mask)
@@ -138,10 +210,11 @@ def test_unbatched_key_defaults_to_value_and_jit_with_sharded_inputs():
     assert out.shape == (6, 5)
 
 
-def test_data_and_sequence_parallel_on_a_2x4_mesh():
+@pytest.mark.parametrize("strategy", ["replicated", "ring"])
+def test_data_and_sequence_parallel_on_a_2x4_mesh(strategy):
     """batch_axis: batch split over "data" (2), keys over "sp" (4); the key has no batch dim
     and is replicated over "data". Outputs and gradients equal the core's."""
-    batch, q_length, kv_length, depth, value_depth = (4,), 7, 10, 5, 6
+    batch, q_length, kv_length, depth, value_depth = (4,), 8, 10, 5, 6
     query, _, value = _inputs(batch, q_length, kv_length, depth, value_depth)
     key = np.random.default_rng(3).normal(size=(kv_length, depth)).astype(np.float32)
     query_mask, value_mask = _masks(batch, q_length, kv_length)
@@ -152,7 +225,7 @@ def test_data_and_sequence_parallel_on_a_2x4_mesh():
 
     def parallel(*args, **kw):
         return la.sequence_parallel_attention(
-            *args, mesh=mesh, axis_name="sp", batch_axis="data", **kw
+            *args, mesh=mesh, axis_name="sp", batch_axis="data", strategy=strategy, **kw
         )
 
     scale, weight = np.float32(0.7), np.float32(1.3)
@@ -160,7 +233,8 @@ def test_data_and_sequence_parallel_on_a_2x4_mesh():
     ref_out, ref_grads = _loss_and_grads(
         la.attention, query, key, value, scale, weight, kwargs, cotangent
     )
-    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), out.ndim)
+    seq = "sp" if strategy == "ring" else None
+    assert out.sharding.is_equivalent_to(NamedSharding(mesh, P("data", seq)), out.ndim)
     np.testing.assert_allclose(out, ref_out, **TOL)
     for got, want in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(got, want, **TOL)
@@ -207,17 +281,113 @@ def test_data_parallel_batch_sharded_matches_single_device(score_mode):
     np.testing.assert_allclose(out, ref, **TOL)
 
 
-def test_bfloat16_keeps_dtype_and_matches_core():
-    """Half-precision inputs: float32 statistics inside, output in bfloat16, as the core."""
+@pytest.mark.parametrize("strategy", ["replicated", "ring", "ring-bfloat16-operands"])
+def test_bfloat16_keeps_dtype_and_matches_core(strategy, monkeypatch):
+    """Half-precision inputs: float32 statistics inside, output in bfloat16, as the core.
+    "ring-bfloat16-operands" makes the ring multiply in bfloat16 (as on hardware with bf16
+    matrix units; this CPU multiplies in float32), with float32 accumulators."""
+    if strategy == "ring-bfloat16-operands":
+        monkeypatch.setattr(parallel, "resolve_matmul_dtype", lambda dtype: jnp.dtype(dtype))
+        strategy = "ring"
     query, key, value = (x.astype(jnp.bfloat16) for x in _inputs((2,), 6, 10, 5, 3))
     _, value_mask = _masks((2,), 6, 10)
     kwargs = {"value_mask": value_mask, "use_causal_mask": True}
     mesh = _mesh(4)
     out = jax.jit(
-        lambda q, v, k: la.sequence_parallel_attention(q, v, k, mesh=mesh, axis_name="sp", **kwargs)
+        lambda q, v, k: la.sequence_parallel_attention(
+            q, v, k, mesh=mesh, axis_name="sp", strategy=strategy, **kwargs
+        )
     )(query, value, key)
     ref = la.attention(query, value, key, **kwargs)
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(
         np.asarray(out, np.float32), np.asarray(ref, np.float32), rtol=2e-2, atol=2e-2
     )
+
+
+def test_strategy_none_picks_ring_for_long_queries_and_replicated_for_short():
+    mesh = _mesh(4)
+    _, key, value = _inputs((2,), 1, 16, 5, 3)
+    fn = jax.jit(lambda q, v, k: la.sequence_parallel_attention(q, v, k, mesh=mesh, axis_name="sp"))
+    for q_length, strategy, spec in ((4, "ring", P(None, "sp")), (3, "replicated", P())):
+        assert la.select_strategy(q_length, 16, 4) == strategy
+        query = _inputs((2,), q_length, 16, 5, 3)[0]
+        out = fn(query, value, key)
+        assert out.sharding.is_equivalent_to(NamedSharding(mesh, spec), out.ndim), strategy
+        np.testing.assert_allclose(out, la.attention(query, value, key), **TOL)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "q_length", "match"),
+    [
+        ({"layout": "zigzag"}, 12, r"q_length \(query.shape\[-2\]\) must be a multiple of 8"),
+        ({"layout": "zigzag", "strategy": "replicated"}, 16, "layout='zigzag' is a layout of"),
+        ({"strategy": "all-gather"}, 16, "strategy must be one of"),
+        ({"layout": "zig"}, 16, "layout must be one of"),
+        ({"dropout_rate": 0.1}, 16, "has no dropout"),
+        ({"batch_axis": "sp"}, 16, "batch_axis must differ from axis_name"),
+    ],
+)
+def test_bad_strategy_layout_and_lengths_are_value_errors(kwargs, q_length, match):
+    query, key, value = _inputs((2,), q_length, 16, 5, 3)
+    with pytest.raises(ValueError, match=match):
+        la.sequence_parallel_attention(query, value, key, mesh=_mesh(4), axis_name="sp", **kwargs)
+
+
+class _Model(nn.Module):
+    """Dense -> causal self-attention (sequence parallel when given a mesh) -> Dense."""
+
+    layer: str
+    mesh: Mesh | None = None
+
+    @nn.compact
+    def __call__(self, x, mask):
+        hidden = nn.Dense(6)(x)
+        seq = {"mesh": self.mesh, "sequence_axis": None if self.mesh is None else "sp"}
+        kind, score = self.layer.split("-")
+        if kind == "keras":
+            attend = la.Attention(use_scale=True, score_mode=score, **seq)
+            out = attend([hidden, hidden], mask=[None, mask], use_causal_mask=True)
+        else:
+            out, _ = LuongAttention(score=score, use_scale=True, **seq)(hidden, hidden, mask)
+        return nn.Dense(3)(out)
+
+
+@pytest.mark.parametrize(
+    ("layer", "devices"), [("keras-concat", 4), ("luong-general", 8), ("luong-dot", 2)]
+)
+def test_flax_model_parameter_gradients_equal_single_device(layer, devices):
+    """A jit-compiled Flax model over a mesh: output and every parameter's gradient equal the
+    same model without sequence parallelism, on one device."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2, 13, 4)).astype(np.float32)
+    mask = rng.random((2, 13)) > 0.3
+    cotangent = rng.normal(size=(2, 13, 3)).astype(np.float32)
+    reference = _Model(layer)
+    variables = reference.init(jax.random.key(0), x, mask)
+
+    def grads(model):
+        def loss(variables):
+            out = model.apply(variables, x, mask)
+            return jnp.sum(out * cotangent), out
+
+        return jax.jit(jax.grad(loss, has_aux=True))(variables)
+
+    got, out = grads(_Model(layer, _mesh(devices)))
+    want, ref_out = grads(reference)
+    np.testing.assert_allclose(out, ref_out, **TOL)
+    flat_got, flat_want = jax.tree.leaves_with_path(got), jax.tree.leaves_with_path(want)
+    assert [path for path, _ in flat_got] == [path for path, _ in flat_want]
+    for (path, g), (_, w) in zip(flat_got, flat_want, strict=True):
+        np.testing.assert_allclose(g, w, **TOL, err_msg=jax.tree_util.keystr(path))
+
+
+def test_modules_reject_half_a_sequence_setup_and_weights():
+    with pytest.raises(ValueError, match="needs both mesh and sequence_axis"):
+        la.Attention(sequence_axis="sp")
+    with pytest.raises(ValueError, match="supports mode='global' with score='dot' or"):
+        LuongAttention(score="concat", mesh=_mesh(2), sequence_axis="sp")
+    layer = la.Attention(mesh=_mesh(2), sequence_axis="sp")
+    q = np.ones((1, 4, 3), np.float32)
+    with pytest.raises(ValueError, match="cannot return them"):
+        layer.init_with_output(jax.random.key(0), [q, q], return_attention_scores=True)

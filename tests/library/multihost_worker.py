@@ -3,8 +3,8 @@
 Usage: ``python tests/library/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR``, with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` and ``JAX_PLATFORMS=cpu`` set by the
 parent. Every process builds the same inputs from a seed, joins the others over 127.0.0.1 (CPU
-collectives via gloo), runs sequence-parallel attention and its gradients on a mesh of all
-processes' devices, and saves the gathered results to ``OUT_DIR/process_<id>.npz``.
+collectives via gloo), runs sequence-parallel attention (both strategies) and its gradients on a mesh
+of all processes' devices, and saves the gathered results to ``OUT_DIR/process_<id>.npz``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import luong_attention as la
 
 # Shapes: batch 2, Tq 5, Tv 11 (uneven over 4 devices), depth 3, value depth 4.
 SHAPES = {"query": (2, 5, 3), "key": (2, 11, 3), "value": (2, 11, 4)}
-SCORE_MODES = ("dot", "concat")
+# (strategy, score_mode) pairs run across the processes.
+RUNS = (("replicated", "dot"), ("replicated", "concat"), ("ring", "dot"))
 
 
 def inputs() -> dict[str, np.ndarray]:
@@ -70,11 +71,15 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
     }
     results = {"devices": np.array(jax.device_count())}
 
-    def parallel(*args, **kwargs):
-        return la.sequence_parallel_attention(*args, mesh=mesh, axis_name="sp", **kwargs)
+    for strategy, score_mode in RUNS:
 
-    for score_mode in SCORE_MODES:
-        grad_fn = jax.jit(jax.grad(loss(parallel, score_mode), argnums=(0, 1, 2, 3), has_aux=True))
+        def parallel(*args, strategy=strategy, **kwargs):
+            return la.sequence_parallel_attention(
+                *args, mesh=mesh, axis_name="sp", strategy=strategy, **kwargs
+            )
+
+        loss_fn = loss(parallel, score_mode)
+        grad_fn = jax.jit(jax.grad(loss_fn, argnums=(0, 1, 2, 3), has_aux=True))
         grads, out = grad_fn(
             arrays["query"],
             arrays["key"],
@@ -85,7 +90,7 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
         )
         gathered = multihost_utils.process_allgather((out, *grads), tiled=True)
         for name, x in zip(("out", "query", "key", "value", "scale"), gathered, strict=True):
-            results[f"{score_mode}_{name}"] = np.asarray(x)
+            results[f"{strategy}_{score_mode}_{name}"] = np.asarray(x)
     np.savez(f"{out_dir}/process_{process_id}.npz", **results)
     jax.distributed.shutdown()
 

@@ -1,7 +1,11 @@
-"""Sequence-parallel attention: keys and values split over a mesh axis with ``shard_map``.
+"""Sequence-parallel attention: the sequence split over a mesh axis with ``shard_map``.
 
-Every device on the axis holds all queries and one contiguous slice of the keys, values and
-value mask. It computes the attention of all queries over its slice with the blocked kernel
+:func:`sequence_parallel_attention` runs one of two strategies: the ring
+(:mod:`~luong_attention._src.functional.ring`, everything split) or *replicated queries*,
+which this module implements and the rest of this docstring describes.
+
+With replicated queries every device on the axis holds all queries and one contiguous slice of
+the keys, values and value mask. It computes the attention of all queries over its slice with the blocked kernel
 (a *partial result*: the normalised output and the log of its softmax denominator), and the
 partial results are merged exactly with their logsumexp, so the merged output equals
 :func:`attention` on one device.
@@ -27,6 +31,7 @@ from :func:`fully_masked_partial`, which adds the penalty back so their logsumex
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,20 +47,22 @@ from luong_attention._src.functional.attention import (
     compute_scores,
     validate_attention_args,
 )
+from luong_attention._src.functional.layout import (
+    Layout,
+    check_axes,
+    check_zigzag_length,
+    pad_length,
+    shard_spec,
+)
+from luong_attention._src.functional.luong import length_mask
+from luong_attention._src.functional.ring import RingPlan, ring_attention_shards
 from luong_attention._src.primitives.masks import MASK_PENALTY, as_bool_mask, mask_scores
-from luong_attention._src.primitives.scores import stats_dtype
+from luong_attention._src.primitives.scores import resolve_matmul_dtype, stats_dtype
 
 # Row levels of a partial result (see the module docstring).
 PADDING_ONLY, MASKED_ONLY, VISIBLE = 0, 1, 2
 # Score entries (times depth for "concat") per chunk of the fully-masked-row path: 4 MiB.
 CHUNK_ELEMENTS = 1 << 20
-
-
-def pad_length(x: jax.Array, axis: int, length: int, fill: bool | float = 0) -> jax.Array:
-    """Pads ``x`` at the end of ``axis`` with ``fill`` up to ``length`` entries."""
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, length - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=fill)
 
 
 def row_levels(
@@ -245,49 +252,51 @@ def merge_partials(output: jax.Array, lse: jax.Array, use: jax.Array, axis_name:
     return jax.lax.psum(weight[..., None] * output, axis_name) / total[..., None]
 
 
-def _spec(
-    x: jax.Array | None,
-    core_dims: int,
-    split: int | None,
-    axis_name: str,
-    batch_axis: str | None,
-    batch_shape: tuple[int, ...],
-) -> P:
-    """The PartitionSpec of one input of :func:`sequence_parallel_attention`.
+class Split(NamedTuple):
+    """How :func:`sequence_parallel_attention` splits one call (shared by both strategies).
 
-    Dimension ``split`` (negative, or ``None``) goes over ``axis_name``; the first batch dim
-    goes over ``batch_axis`` when ``x`` has it in full (inputs that broadcast over it, with a
-    size-1 or missing dim, are replicated instead).
+    ``params``: ``{"scale": ..., "concat_score_weight": ...}``, replicated on every device.
     """
-    if x is None:
-        return P()
-    spec = [None] * x.ndim
-    if split is not None:
-        spec[split] = axis_name
-    full_batch = x.ndim - core_dims == len(batch_shape) and x.shape[:1] == batch_shape[:1]
-    if batch_axis is not None and full_batch:
-        spec[0] = batch_axis
-    return P(*spec)
+
+    mesh: Mesh
+    axis_name: str
+    batch_axis: str | None
+    batch_shape: tuple[int, ...]
+    use_causal_mask: bool
+    score_mode: ScoreMode
+    params: dict
+    layout: Layout
 
 
-def _check_axes(
-    mesh: Mesh, axis_name: str, batch_axis: str | None, batch_shape: tuple[int, ...]
-) -> None:
-    """Raises ``ValueError`` for axes the mesh lacks or a batch that does not divide."""
-    for name, axis in (("axis_name", axis_name), ("batch_axis", batch_axis)):
-        if axis is not None and axis not in mesh.axis_names:
-            raise ValueError(
-                f"{name} must be one of the mesh's axes {mesh.axis_names}. "
-                f"Received: {name}={axis!r}"
-            )
-    if batch_axis is None:
-        return
-    if batch_axis == axis_name or not batch_shape or batch_shape[0] % mesh.shape[batch_axis]:
+Strategy = Literal["ring", "replicated"]
+STRATEGIES = ("ring", "replicated")
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def check_sequence_fields(mesh: Mesh | None, sequence_axis: str | None) -> None:
+    """Raises ``ValueError`` unless a module got both ``mesh`` and ``sequence_axis`` or neither."""
+    if (mesh is None) != (sequence_axis is None):
         raise ValueError(
-            f"batch_axis must differ from axis_name, and the first batch dim must divide by its "
-            f"{mesh.shape[batch_axis]} devices. Received: batch_axis={batch_axis!r}, "
-            f"axis_name={axis_name!r}, batch dims {batch_shape}"
+            "Sequence parallelism needs both mesh and sequence_axis (the mesh axis to split "
+            f"the sequence over), or neither. Received: mesh={mesh!r}, "
+            f"sequence_axis={sequence_axis!r}"
         )
+    if mesh is not None and sequence_axis not in mesh.axis_names:
+        raise ValueError(
+            f"sequence_axis must be one of the mesh's axes {mesh.axis_names}. "
+            f"Received: sequence_axis={sequence_axis!r}"
+        )
+
+
+def select_strategy(q_length: int, kv_length: int, devices: int) -> Strategy:
+    """The strategy :func:`sequence_parallel_attention` uses when given ``strategy=None``.
+
+    ``"ring"`` when the queries are long, ``q_length * devices >= kv_length`` (at least as many
+    queries as one device's share of keys: replicating them would cost more than a key shard);
+    ``"replicated"`` for short queries against long keys (decoding, a few queries over a very
+    long memory), where a copy of the queries on every device is cheap and the keys never move.
+    """
+    return "ring" if q_length * devices >= kv_length else "replicated"
 
 
 def sequence_parallel_attention(
@@ -304,35 +313,60 @@ def sequence_parallel_attention(
     scale: ArrayLike | None = None,
     concat_score_weight: ArrayLike | None = None,
     batch_axis: str | None = None,
+    strategy: Strategy | None = None,
+    layout: Layout = "contiguous",
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
 ) -> jax.Array:
-    """:func:`attention` with the keys, values and value mask split over a mesh axis.
+    """:func:`attention` with the sequence split over a mesh axis, by one of two strategies.
 
-    Each device on ``mesh.axis_names[axis_name]`` holds ``ceil(kv_length / n)`` keys (the last
-    ones padded; padding never changes the result) and all queries; the partial results are
-    merged with their logsumexp (:func:`merge_partials`). The result equals :func:`attention`
-    up to float rounding, fully masked rows included, and is differentiable with respect to
-    ``query``, ``key``, ``value``, ``scale`` and ``concat_score_weight``. With ``batch_axis``
-    the first batch dim is split over that mesh axis too (data parallel); other mesh axes
-    replicate the computation. Works eagerly and under ``jax.jit``, on one host or many
-    (after ``jax.distributed.initialize``).
+    * ``"ring"`` (ring attention): queries, keys, values, value mask, output and every
+      gradient are split along ``axis_name``; key/value blocks travel around the devices
+      with ``lax.ppermute`` and each step is merged with the online softmax
+      (:mod:`~luong_attention._src.functional.ring`). Memory per device falls as ``1/n``.
+    * ``"replicated"``: every device holds all queries and one slice of the keys, values and
+      value mask; the partial results are merged with their logsumexp (:func:`merge_partials`)
+      and the output is replicated. Right for few queries over many keys (decoding).
+    * ``None`` picks with :func:`select_strategy`: ring when ``q_length * n >= kv_length``.
+
+    ``layout`` says how the inputs' sequence axis is ordered (ring only): ``"contiguous"``
+    (natural order; lengths need not divide by the devices, the last slice is padded and
+    padding never counts) or ``"zigzag"`` (the inputs, masks and output are in the order of
+    :func:`~luong_attention._src.functional.layout.to_zigzag`; ``q_length`` and ``kv_length``
+    must be multiples of ``2n``), which balances the causal work over the devices. Both
+    strategies equal :func:`attention` up to float rounding, fully masked rows included, and
+    are differentiable in ``query``, ``key``, ``value``, ``scale`` and
+    ``concat_score_weight``. With ``batch_axis`` the first batch dim is split over that mesh
+    axis too (data parallel); other mesh axes replicate the computation. Works eagerly and
+    under ``jax.jit``, on one host or many (after ``jax.distributed.initialize``).
 
     Args:
-      query: ``[batch..., q_length, depth]`` (replicated on every device).
+      query: ``[batch..., q_length, depth]``.
       value: ``[batch..., kv_length, value_depth]``.
       key: ``[batch..., kv_length, depth]``; ``None`` uses ``value``.
-      mesh: the device mesh; axis_name: the axis to split the keys over.
+      mesh: the device mesh; axis_name: the axis to split the sequence over.
       batch_axis: an optional second mesh axis to split the first batch dim over.
+      strategy: ``"ring"``, ``"replicated"`` or ``None`` (see above).
+      layout: ``"contiguous"`` or ``"zigzag"`` (see above).
       query_mask, value_mask, use_causal_mask, score_mode, scale, concat_score_weight: as in
         :func:`attention` (causal in global positions: query ``i`` sees keys ``j <= i``).
+      dropout_rate, dropout_rng: only ``0.0`` is supported (``ValueError`` otherwise).
 
     Returns:
-      ``[batch..., q_length, value_depth]`` in the inputs' dtype, replicated over the mesh
-      (split over ``batch_axis`` along the first batch dim, if given).
+      ``[batch..., q_length, value_depth]`` in the inputs' dtype; split along ``axis_name``
+      (ring) or replicated over it (replicated), split over ``batch_axis`` if given.
 
     Raises:
-      ValueError, TypeError: for bad arguments, axes the mesh does not have, or a first
-        batch dim that does not divide by the ``batch_axis`` devices.
+      ValueError, TypeError: for bad arguments, axes the mesh does not have, a first batch
+        dim that does not divide by the ``batch_axis`` devices, a strategy or layout that
+        does not exist or does not fit the lengths, or dropout.
     """
+    if dropout_rate != 0.0 or dropout_rng is not None:
+        raise ValueError(
+            "sequence_parallel_attention has no dropout (its weights never exist as one "
+            f"array to drop from). Received: dropout_rate={dropout_rate!r}. Use attention() "
+            "for dropout, or apply dropout outside the attention."
+        )
     query, value, key, query_mask, value_mask = validate_attention_args(
         query,
         value,
@@ -345,7 +379,49 @@ def sequence_parallel_attention(
         dropout_rng=None,
     )
     batch_shape = tuple(jnp.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2]))
-    _check_axes(mesh, axis_name, batch_axis, batch_shape)
+    check_axes(mesh, axis_name, batch_axis, batch_shape)
+    devices = mesh.shape[axis_name]
+    q_length, kv_length = query.shape[-2], key.shape[-2]
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES} or None. Received: {strategy!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}. Received: layout={layout!r}")
+    if strategy is None:
+        strategy = "ring" if layout == "zigzag" else select_strategy(q_length, kv_length, devices)
+    if layout == "zigzag":
+        if strategy != "ring":
+            raise ValueError(
+                "layout='zigzag' is a layout of the ring strategy (the replicated strategy "
+                "takes the sequence in natural order). Received: strategy='replicated', "
+                f"query {query.shape}, key {key.shape}"
+            )
+        check_zigzag_length("q_length (query.shape[-2])", q_length, devices)
+        check_zigzag_length("kv_length (key.shape[-2])", kv_length, devices)
+    split = Split(
+        mesh=mesh,
+        axis_name=axis_name,
+        batch_axis=batch_axis,
+        batch_shape=batch_shape,
+        use_causal_mask=use_causal_mask,
+        score_mode=score_mode,
+        params={"scale": scale, "concat_score_weight": concat_score_weight},
+        layout=layout,
+    )
+    run = _ring_strategy if strategy == "ring" else _replicated_strategy
+    output = run(query, value, key, value_mask, split)
+    dtype = jnp.result_type(query, key, value)
+    return apply_query_mask(output, query_mask).astype(dtype)
+
+
+def _replicated_strategy(
+    query: jax.Array,
+    value: jax.Array,
+    key: jax.Array,
+    value_mask: jax.Array | None,
+    split: Split,
+) -> jax.Array:
+    """Replicated queries, keys split: ``[batch..., q_length, value_depth]`` in float32."""
+    mesh, axis_name, batch_axis, batch_shape, use_causal_mask, score_mode, _, _ = split
     dtype = jnp.result_type(query, key, value)
     q_length, kv_length = query.shape[-2], key.shape[-2]
     devices = mesh.shape[axis_name]
@@ -359,7 +435,6 @@ def sequence_parallel_attention(
         value_mask = pad_length(as_bool_mask(value_mask), -1, padded, False)
     elif padded > kv_length:
         value_mask = jnp.arange(padded) < kv_length  # padding keys are masked keys to the kernel
-    params = {"scale": scale, "concat_score_weight": concat_score_weight}
 
     def local(query, key, value, value_mask, params):
         kv_offset = jax.lax.axis_index(axis_name) * shard_length
@@ -388,9 +463,9 @@ def sequence_parallel_attention(
         return merge_partials(output, lse, level == top, axis_name)
 
     def spec(x: jax.Array | None, core_dims: int, split: int | None) -> P:
-        return _spec(x, core_dims, split, axis_name, batch_axis, batch_shape)
+        return shard_spec(x, core_dims, split, axis_name, batch_axis, batch_shape)
 
-    output = jax.shard_map(
+    return jax.shard_map(
         local,
         mesh=mesh,
         in_specs=(
@@ -402,5 +477,174 @@ def sequence_parallel_attention(
         ),
         out_specs=P() if batch_axis is None else P(batch_axis),
         check_vma=False,  # the blocked kernel's loop carries are not typed per axis
-    )(query, key, value, value_mask, params)
-    return apply_query_mask(output, query_mask).astype(dtype)
+    )(query, key, value, value_mask, split.params)
+
+
+def _ring_strategy(
+    query: jax.Array,
+    value: jax.Array,
+    key: jax.Array,
+    value_mask: jax.Array | None,
+    split: Split,
+) -> jax.Array:
+    """Ring attention, everything split: ``[batch..., q_length, value_depth]`` in float32.
+
+    Query, key and value travel and enter the kernel's matmuls in the operand dtype of
+    :func:`resolve_matmul_dtype` (as the blocked kernel's own inputs); statistics and gradient
+    accumulators are float32 (``stats_dtype``).
+    """
+    mesh, axis_name, batch_axis, batch_shape, use_causal_mask, score_mode, _, layout = split
+    input_dtype = jnp.result_type(query, key, value)
+    dtype, operand = stats_dtype(input_dtype), resolve_matmul_dtype(input_dtype)
+    q_length, kv_length = query.shape[-2], key.shape[-2]
+    devices = mesh.shape[axis_name]
+    parts = 2 if layout == "zigzag" else 1
+    q_chunk, kv_chunk = (-(-length // (devices * parts)) for length in (q_length, kv_length))
+    query = pad_length(query.astype(operand), -2, devices * parts * q_chunk)
+    key = pad_length(key.astype(operand), -2, devices * parts * kv_chunk)
+    value = pad_length(value.astype(operand), -2, devices * parts * kv_chunk)
+    if value_mask is not None:
+        value_mask = pad_length(as_bool_mask(value_mask), -1, devices * parts * kv_chunk, False)
+    plan = RingPlan(
+        axis_name=axis_name,
+        devices=devices,
+        parts=parts,
+        q_chunk=q_chunk,
+        kv_chunk=kv_chunk,
+        kv_length=kv_length,
+        score_mode=score_mode,
+        causal=bool(use_causal_mask),
+        masked=value_mask is not None,
+    )
+    mask_batch = () if value_mask is None else value_mask.shape[:-1]
+    out_batch = len(jnp.broadcast_shapes(batch_shape, mask_batch))
+
+    def local(query, key, value, value_mask, params):
+        query, key, weight = fold_score_params(query, key, score_mode, dtype, **params)
+        shapes = [x.shape[:-2] for x in (query, key, value)]
+        if value_mask is not None:
+            shapes.append(value_mask.shape[:-1])
+        local_batch = jnp.broadcast_shapes(*shapes)
+
+        def flat(x: jax.Array, core: int) -> jax.Array:
+            tail = x.shape[x.ndim - core :]
+            return jnp.broadcast_to(x, (*local_batch, *tail)).reshape(-1, *tail)
+
+        mask = None if value_mask is None else flat(value_mask, 1)
+        out = ring_attention_shards(
+            plan, flat(query, 2), flat(key, 2), flat(value, 2), weight, mask
+        )
+        return out.reshape(*local_batch, *out.shape[-2:])
+
+    def spec(x: jax.Array | None, core_dims: int, split: int | None) -> P:
+        return shard_spec(x, core_dims, split, axis_name, batch_axis, batch_shape)
+
+    batch_spec = [batch_axis] + [None] * (out_batch - 1) if out_batch else []
+    output = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(
+            spec(query, 2, -2),
+            spec(key, 2, -2),
+            spec(value, 2, -2),
+            spec(value_mask, 1, -1),
+            P(),
+        ),
+        out_specs=P(*batch_spec, axis_name, None),
+        check_vma=False,  # the blocked kernel's loop carries are not typed per axis
+    )(query, key, value, value_mask, split.params)
+    return output[..., :q_length, :]
+
+
+def fold_score_params(
+    query: jax.Array,
+    key: jax.Array,
+    score_mode: ScoreMode,
+    dtype: jnp.dtype,
+    *,
+    scale: ArrayLike | None,
+    concat_score_weight: ArrayLike | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Folds ``scale`` into the query (and the key for ``"concat"``), as the blocked kernel.
+
+    The product is taken in ``dtype`` (float32+) and rounded back to the operands' dtype.
+
+    Returns ``(query, key, weight)`` with ``weight`` the ``concat_score_weight`` (1 when
+    ``None``; 0 and unused for ``"dot"``) in ``dtype``.
+    """
+    if scale is not None:
+        scale = jnp.asarray(scale).astype(dtype)
+        query = (query.astype(dtype) * scale).astype(query.dtype)
+        if score_mode == "concat":
+            key = (key.astype(dtype) * scale).astype(key.dtype)
+    if score_mode != "concat":
+        return query, key, jnp.zeros((), dtype)
+    weight = 1.0 if concat_score_weight is None else concat_score_weight
+    return query, key, jnp.asarray(weight).astype(dtype)
+
+
+def luong_sequence_parallel(
+    query: ArrayLike,
+    memory: ArrayLike,
+    memory_mask: ArrayLike | None = None,
+    *,
+    score: str,
+    w_a: ArrayLike | None = None,
+    scale: ArrayLike | None = None,
+    source_lengths: ArrayLike | None = None,
+    mesh: Mesh,
+    axis_name: str,
+    batch_axis: str | None = None,
+    strategy: Strategy | None = None,
+    layout: Layout = "contiguous",
+) -> jax.Array:
+    """Luong global attention of a sequence of queries with ``"dot"`` or ``"general"`` scores,
+    sequence parallel (:func:`sequence_parallel_attention`, memory as keys and values).
+
+    ``"general"`` scores ``h_t^T W_a h_s`` are dot scores of the projected query ``h_t W_a^T``
+    against the memory, so both run on the same kernel; ``source_lengths`` becomes part of the
+    value mask.
+
+    Args:
+      query: ``[batch..., q_length, query_depth]``; memory: ``[batch..., kv_length,
+        memory_depth]``; memory_mask: ``[batch..., kv_length]`` or ``None``.
+      score: ``"dot"`` or ``"general"``; w_a: ``[memory_depth, query_depth]`` for
+        ``"general"``; scale: optional scalar on the scores.
+      source_lengths: int ``[batch...]`` or ``None``.
+      mesh, axis_name, batch_axis, strategy, layout: as in :func:`sequence_parallel_attention`.
+
+    Returns:
+      The context ``[batch..., q_length, memory_depth]`` (no alignment: it is never built).
+
+    Raises:
+      ValueError: for another score or a single-step query.
+    """
+    if score not in ("dot", "general"):
+        raise ValueError(
+            "Sequence-parallel Luong attention supports score='dot' and score='general' "
+            f"(dot products the kernel computes blockwise). Received: score={score!r}"
+        )
+    query, memory = jnp.asarray(query), jnp.asarray(memory)
+    if query.ndim != memory.ndim:
+        raise ValueError(
+            "Sequence-parallel Luong attention needs a sequence of queries [batch..., Tq, "
+            f"depth_q] with the rank of memory. Received: query.shape={query.shape}, "
+            f"memory.shape={memory.shape}"
+        )
+    if score == "general":
+        query = jnp.einsum("...qd,md->...qm", query, jnp.asarray(w_a).astype(query.dtype))
+    if source_lengths is not None:
+        keep = length_mask(source_lengths, memory.shape[-2])
+        memory_mask = keep if memory_mask is None else jnp.logical_and(memory_mask, keep)
+    return sequence_parallel_attention(
+        query,
+        memory,
+        memory,
+        mesh=mesh,
+        axis_name=axis_name,
+        batch_axis=batch_axis,
+        strategy=strategy,
+        layout=layout,
+        value_mask=memory_mask,
+        scale=scale,
+    )

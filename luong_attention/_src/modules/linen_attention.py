@@ -8,8 +8,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
+from jax.sharding import Mesh
 
 from luong_attention._src.functional.attention import Implementation, ScoreMode, attention
+from luong_attention._src.functional.layout import Layout
+from luong_attention._src.functional.parallel import (
+    Strategy,
+    check_sequence_fields,
+    sequence_parallel_attention,
+)
 from luong_attention._src.primitives import checks
 from luong_attention._src.primitives.scores import PrecisionLike
 
@@ -40,6 +47,12 @@ class Attention(nn.Module):
       matmul_dtype: operand dtype of the attention matmuls (``None``: ``dtype``'s, or
         float32 for bfloat16/float16 on a CPU without matrix units for them); see
         :func:`attention`. Not part of the Keras config either.
+      mesh, sequence_axis: run sequence parallel over ``mesh``'s axis ``sequence_axis`` with
+        :func:`sequence_parallel_attention` (both or neither; the call must then be inside
+        ``jax.jit`` or eager with inputs on that mesh). No dropout and no returned weights
+        there (``ValueError``); ``matmul_dtype`` is not used there.
+      batch_axis, sequence_strategy, sequence_layout: passed on to
+        :func:`sequence_parallel_attention` as ``batch_axis``, ``strategy`` and ``layout``.
 
     Example usage::
 
@@ -62,8 +75,14 @@ class Attention(nn.Module):
     precision: PrecisionLike = None
     implementation: Implementation | None = None
     matmul_dtype: Dtype | None = None
+    mesh: Mesh | None = None
+    sequence_axis: str | None = None
+    batch_axis: str | None = None
+    sequence_strategy: Strategy | None = None
+    sequence_layout: Layout = "contiguous"
 
     def __post_init__(self) -> None:
+        check_sequence_fields(self.mesh, self.sequence_axis)
         checks.check_score_mode(self.score_mode)
         checks.check_implementation(self.implementation)
         checks.check_rate("dropout", self.dropout)
@@ -109,22 +128,42 @@ class Attention(nn.Module):
                 None if x is None else jnp.asarray(x, self.dtype) for x in (query, value, key)
             )
         rate = self.dropout if training else 0.0
+        common = {
+            "query_mask": query_mask,
+            "value_mask": value_mask,
+            "use_causal_mask": use_causal_mask,
+            "score_mode": self.score_mode,
+            "scale": scale,
+            "concat_score_weight": concat_score_weight,
+            "dropout_rate": rate,
+        }
+        if self.sequence_axis is not None:
+            if return_attention_scores:
+                raise ValueError(
+                    "Attention(sequence_axis=...) never builds the [Tq, Tv] weights, so it "
+                    "cannot return them: call it with return_attention_scores=False."
+                )
+            return sequence_parallel_attention(
+                query,
+                value,
+                key,
+                mesh=self.mesh,
+                axis_name=self.sequence_axis,
+                batch_axis=self.batch_axis,
+                strategy=self.sequence_strategy,
+                layout=self.sequence_layout,
+                **common,
+            )
         return attention(
             query,
             value,
             key,
-            query_mask=query_mask,
-            value_mask=value_mask,
-            use_causal_mask=use_causal_mask,
-            score_mode=self.score_mode,
-            scale=scale,
-            concat_score_weight=concat_score_weight,
-            dropout_rate=rate,
             dropout_rng=self._dropout_rng() if rate > 0.0 else None,
             return_attention_scores=return_attention_scores,
             precision=self.precision,
             implementation=self.implementation,
             matmul_dtype=self.matmul_dtype,
+            **common,
         )
 
     def _dropout_rng(self) -> jax.Array:

@@ -13,7 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, Initializer
+from jax.sharding import Mesh
 
+from luong_attention._src.functional.layout import Layout
 from luong_attention._src.functional.luong import (
     LuongMode,
     LuongScore,
@@ -30,6 +32,11 @@ from luong_attention._src.functional.luong_cell import (
     default_vector_init,
     init_decoder_state,
     luong_param_shapes,
+)
+from luong_attention._src.functional.parallel import (
+    Strategy,
+    check_sequence_fields,
+    luong_sequence_parallel,
 )
 from luong_attention._src.primitives import checks
 from luong_attention._src.primitives.scores import PrecisionLike
@@ -53,6 +60,11 @@ class LuongAttention(nn.Module):
       param_dtype: dtype of the parameters.
       precision: matmul precision.
       kernel_init: initializer of the matrices ``w_a``/``w_p``; vector_init: of ``v_a``/``v_p``.
+      mesh, sequence_axis: global ``"dot"``/``"general"`` attention of a query sequence,
+        sequence parallel over ``mesh``'s axis ``sequence_axis``
+        (:func:`luong_sequence_parallel`); the call then returns ``(context, None)``: the
+        alignment ``[Tq, Tv]`` is never built. batch_axis, sequence_strategy,
+        sequence_layout: passed on as ``batch_axis``, ``strategy`` and ``layout``.
 
     Example usage::
 
@@ -77,9 +89,22 @@ class LuongAttention(nn.Module):
     precision: PrecisionLike = None
     kernel_init: Initializer = default_kernel_init
     vector_init: Initializer = default_vector_init
+    mesh: Mesh | None = None
+    sequence_axis: str | None = None
+    batch_axis: str | None = None
+    sequence_strategy: Strategy | None = None
+    sequence_layout: Layout = "contiguous"
 
     def __post_init__(self) -> None:
         check_luong_config(self.score, self.mode, self.window, use_scale=self.use_scale)
+        check_sequence_fields(self.mesh, self.sequence_axis)
+        if self.sequence_axis is not None and (
+            self.mode != "global" or self.score not in ("dot", "general")
+        ):
+            raise ValueError(
+                "LuongAttention(sequence_axis=...) supports mode='global' with score='dot' or "
+                f"'general'. Received: score={self.score!r}, mode={self.mode!r}"
+            )
         check_max_length(self.score, self.max_length)
         super().__post_init__()
 
@@ -112,6 +137,21 @@ class LuongAttention(nn.Module):
         query, memory = jnp.asarray(query), checks.as_float_array("memory", memory)
         dtype = self.dtype or jnp.result_type(query, memory)
         params = self._params(query.shape[-1], memory.shape[-1], dtype)
+        if self.sequence_axis is not None:
+            context = luong_sequence_parallel(
+                query.astype(dtype),
+                memory.astype(dtype),
+                memory_mask,
+                score=self.score,
+                source_lengths=source_lengths,
+                mesh=self.mesh,
+                axis_name=self.sequence_axis,
+                batch_axis=self.batch_axis,
+                strategy=self.sequence_strategy,
+                layout=self.sequence_layout,
+                **params,
+            )
+            return context, None
         return attend_query(
             query.astype(dtype),
             memory.astype(dtype),
