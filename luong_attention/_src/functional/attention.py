@@ -205,7 +205,7 @@ def attention(
       dropout_rng: PRNG key, required when ``dropout_rate > 0``.
       return_attention_scores: also return the weights (after masking, softmax, dropout).
       precision: matmul precision (of the ``"xla"`` path; the blocked path multiplies in
-        float32 with the default precision).
+        the ``matmul_dtype`` operands with the default precision).
       implementation: ``"xla"`` builds the full ``[Tq, Tv]`` score matrix (fastest for small
         problems); ``"blocked"`` runs :func:`blocked_attention_with_lse`, whose memory is
         linear in the lengths; ``None`` picks with :func:`select_implementation`. Both give

@@ -35,6 +35,7 @@ from luong_attention._src.primitives.masks import MASK_PENALTY, as_bool_mask
 from luong_attention._src.primitives.scores import (
     concat_scores,
     dot_scores,
+    narrower_dtype,
     resolve_matmul_dtype,
     stats_dtype,
 )
@@ -185,7 +186,7 @@ def _bmm(a: jax.Array, b: jax.Array, contract: tuple[int, int], out: jnp.dtype) 
     score gradients meet bfloat16/float16 inputs as low-precision operands, as in
     FlashAttention) and accumulated in ``out`` (float32 or wider).
     """
-    narrow = a.dtype if jnp.finfo(a.dtype).bits <= jnp.finfo(b.dtype).bits else b.dtype
+    narrow = narrower_dtype(a, b)
     return jax.lax.dot_general(
         a.astype(narrow),
         b.astype(narrow),

@@ -84,7 +84,7 @@ _SCORE_SPECS = ("...qd,...kd->...qk", "...qk,...kd->...qd", "...qk,...qd->...kd"
 _VALUE_SPECS = ("...qk,...kv->...qv", "...qv,...kv->...qk", "...qv,...qk->...kv")
 
 
-def _narrow(a: jax.Array, b: jax.Array) -> jnp.dtype:
+def narrower_dtype(a: jax.Array, b: jax.Array) -> jnp.dtype:
     """The narrower of two float dtypes: the one the product's operands take."""
     return a.dtype if jnp.finfo(a.dtype).bits <= jnp.finfo(b.dtype).bits else b.dtype
 
@@ -97,7 +97,7 @@ def _mixed_product(
     ``out``; the backward's two products take the same low-precision operands (plain
     autodiff would meet the float32 cotangent with the half operand and multiply in float32).
     ``a`` and ``b`` have the same batch dims."""
-    low = _narrow(a, b)
+    low = narrower_dtype(a, b)
     return jnp.einsum(
         specs[0], a.astype(low), b.astype(low), precision=precision, preferred_element_type=out
     )
@@ -109,7 +109,7 @@ def _mixed_product_fwd(specs, a, b, out, precision):
 
 def _mixed_product_bwd(specs, out, precision, residuals, cotangent):
     a, b = residuals
-    low = _narrow(a, b)
+    low = narrower_dtype(a, b)
     ct = cotangent.astype(low)
     da = jnp.einsum(specs[1], ct, b.astype(low), precision=precision, preferred_element_type=out)
     db = jnp.einsum(specs[2], ct, a.astype(low), precision=precision, preferred_element_type=out)
@@ -132,7 +132,7 @@ def product(
     autodiff); a bfloat16/float16 operand makes both forward and backward products take
     low-precision operands with float32 accumulation. Leading batch dims broadcast.
     """
-    if min(jnp.finfo(a.dtype).bits, jnp.finfo(b.dtype).bits) >= 32:
+    if jnp.finfo(narrower_dtype(a, b)).bits >= 32:
         return jnp.einsum(specs[0], a, b, precision=precision, preferred_element_type=out)
     batch = jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     a = jnp.broadcast_to(a, (*batch, *a.shape[-2:]))
