@@ -169,7 +169,7 @@ def measure(
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from luong_attention import sequence_parallel_attention, to_zigzag
+    from luong_attention.parallel import sequence_parallel_attention, to_zigzag
 
     mesh = Mesh(np.array(jax.devices()[:devices]), ("sp",))
     split = NamedSharding(mesh, P(None, "sp", None))
@@ -297,7 +297,7 @@ def format_table(rows: list[dict]) -> str:
 
 def format_balance(length: int, devices: list[int]) -> str:
     """The causal score work per device, contiguous and zigzag ring layouts (a table)."""
-    from luong_attention import ring_score_work
+    from luong_attention.parallel import ring_score_work
 
     lines = [
         "| layout | devices | score work per device (M entries) | longest / mean |",

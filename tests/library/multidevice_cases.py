@@ -17,7 +17,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import luong_attention as la
-from luong_attention._src.functional import parallel
+from luong_attention import parallel as lap
+from luong_attention._src.parallel import blocks, sequence
 from luong_attention.luong import LuongAttention
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
@@ -89,7 +90,7 @@ def test_sequence_parallel_matches_core(devices, score_mode, masked, causal, kv_
     mesh = _mesh(devices)
 
     def parallel(*args, **kw):
-        return la.sequence_parallel_attention(
+        return lap.sequence_parallel_attention(
             *args, mesh=mesh, axis_name="sp", strategy="replicated", **kw
         )
 
@@ -145,14 +146,14 @@ def test_ring_matches_core(devices, score_mode, masked, causal, q_length, kv_len
 
     def ring(query, value, key, **kw):
         if layout == "zigzag":
-            query, value, key = (la.to_zigzag(x, devices) for x in (query, value, key))
+            query, value, key = (lap.to_zigzag(x, devices) for x in (query, value, key))
             for name in ("query_mask", "value_mask"):
                 if name in kw:
-                    kw[name] = la.to_zigzag(kw[name], devices, axis=-1)
-        out = la.sequence_parallel_attention(
+                    kw[name] = lap.to_zigzag(kw[name], devices, axis=-1)
+        out = lap.sequence_parallel_attention(
             query, value, key, mesh=mesh, axis_name="sp", strategy="ring", layout=layout, **kw
         )
-        return la.from_zigzag(out, devices) if layout == "zigzag" else out
+        return lap.from_zigzag(out, devices) if layout == "zigzag" else out
 
     _assert_matches_core(ring, query, key, value, kwargs, cotangent)
 
@@ -164,7 +165,7 @@ def test_ring_keeps_every_array_split_and_takes_sharded_inputs():
     split = NamedSharding(mesh, P(None, "sp", None))
     query, key, value = (jax.device_put(x, split) for x in (query, key, value))
     fn = jax.jit(
-        lambda q, v, k: la.sequence_parallel_attention(
+        lambda q, v, k: lap.sequence_parallel_attention(
             q, v, k, mesh=mesh, axis_name="sp", use_causal_mask=True
         )
     )
@@ -177,7 +178,7 @@ def test_ring_keeps_every_array_split_and_takes_sharded_inputs():
 def test_fully_masked_rows_in_query_chunks(monkeypatch):
     """The fully-masked-row path in chunks of 2 queries (7 queries: the last chunk padded)."""
     per_query = 3 * 5  # concat: shard_length 3 (11 keys on 4 devices) times depth 5
-    monkeypatch.setattr(parallel, "CHUNK_ELEMENTS", 2 * per_query)
+    monkeypatch.setattr(blocks, "CHUNK_ELEMENTS", 2 * per_query)
     test_sequence_parallel_matches_core(4, "concat", True, True, 11)
 
 
@@ -191,7 +192,7 @@ def test_fully_masked_rows_with_large_scores_keep_keras_fill(strategy):
     value_mask[1] = False
     mesh = _mesh(4)
     out = jax.jit(
-        lambda q, v, k, vm: la.sequence_parallel_attention(
+        lambda q, v, k, vm: lap.sequence_parallel_attention(
             q, v, k, mesh=mesh, axis_name="sp", value_mask=vm, strategy=strategy
         )
     )(query, value, key, value_mask)
@@ -204,7 +205,7 @@ def test_unbatched_key_defaults_to_value_and_jit_with_sharded_inputs():
     mesh = _mesh(4)
     query, _, value = _inputs((), 6, 8, 5, 5)
     value = jax.device_put(value, NamedSharding(mesh, P("sp", None)))  # already split
-    fn = jax.jit(lambda q, v: la.sequence_parallel_attention(q, v, mesh=mesh, axis_name="sp"))
+    fn = jax.jit(lambda q, v: lap.sequence_parallel_attention(q, v, mesh=mesh, axis_name="sp"))
     out = fn(query, value)
     np.testing.assert_allclose(out, la.attention(query, value), **TOL)
     assert out.shape == (6, 5)
@@ -224,7 +225,7 @@ def test_data_and_sequence_parallel_on_a_2x4_mesh(strategy):
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "sp"))
 
     def parallel(*args, **kw):
-        return la.sequence_parallel_attention(
+        return lap.sequence_parallel_attention(
             *args, mesh=mesh, axis_name="sp", batch_axis="data", strategy=strategy, **kw
         )
 
@@ -244,7 +245,7 @@ def test_batch_axis_must_divide_the_batch():
     query, key, value = _inputs((3,), 4, 5, 6, 7)
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "sp"))
     with pytest.raises(ValueError, match="batch_axis must differ from axis_name"):
-        la.sequence_parallel_attention(
+        lap.sequence_parallel_attention(
             query, value, key, mesh=mesh, axis_name="sp", batch_axis="data"
         )
 
@@ -252,7 +253,7 @@ def test_batch_axis_must_divide_the_batch():
 def test_bad_axis_name_is_a_value_error():
     query, key, value = _inputs((2,), 3, 4, 5, 6)
     with pytest.raises(ValueError, match="axis_name must be one of the mesh's axes"):
-        la.sequence_parallel_attention(query, value, key, mesh=_mesh(2), axis_name="seq")
+        lap.sequence_parallel_attention(query, value, key, mesh=_mesh(2), axis_name="seq")
 
 
 @pytest.mark.parametrize("score_mode", ["dot", "concat"])
@@ -287,14 +288,14 @@ def test_bfloat16_keeps_dtype_and_matches_core(strategy, monkeypatch):
     "ring-bfloat16-operands" makes the ring multiply in bfloat16 (as on hardware with bf16
     matrix units; this CPU multiplies in float32), with float32 accumulators."""
     if strategy == "ring-bfloat16-operands":
-        monkeypatch.setattr(parallel, "resolve_matmul_dtype", lambda dtype: jnp.dtype(dtype))
+        monkeypatch.setattr(sequence, "resolve_matmul_dtype", lambda dtype: jnp.dtype(dtype))
         strategy = "ring"
     query, key, value = (x.astype(jnp.bfloat16) for x in _inputs((2,), 6, 10, 5, 3))
     _, value_mask = _masks((2,), 6, 10)
     kwargs = {"value_mask": value_mask, "use_causal_mask": True}
     mesh = _mesh(4)
     out = jax.jit(
-        lambda q, v, k: la.sequence_parallel_attention(
+        lambda q, v, k: lap.sequence_parallel_attention(
             q, v, k, mesh=mesh, axis_name="sp", strategy=strategy, **kwargs
         )
     )(query, value, key)
@@ -308,9 +309,11 @@ def test_bfloat16_keeps_dtype_and_matches_core(strategy, monkeypatch):
 def test_strategy_none_picks_ring_for_long_queries_and_replicated_for_short():
     mesh = _mesh(4)
     _, key, value = _inputs((2,), 1, 16, 5, 3)
-    fn = jax.jit(lambda q, v, k: la.sequence_parallel_attention(q, v, k, mesh=mesh, axis_name="sp"))
+    fn = jax.jit(
+        lambda q, v, k: lap.sequence_parallel_attention(q, v, k, mesh=mesh, axis_name="sp")
+    )
     for q_length, strategy, spec in ((4, "ring", P(None, "sp")), (3, "replicated", P())):
-        assert la.select_strategy(q_length, 16, 4) == strategy
+        assert lap.select_strategy(q_length, 16, 4) == strategy
         query = _inputs((2,), q_length, 16, 5, 3)[0]
         out = fn(query, value, key)
         assert out.sharding.is_equivalent_to(NamedSharding(mesh, spec), out.ndim), strategy
@@ -331,7 +334,7 @@ def test_strategy_none_picks_ring_for_long_queries_and_replicated_for_short():
 def test_bad_strategy_layout_and_lengths_are_value_errors(kwargs, q_length, match):
     query, key, value = _inputs((2,), q_length, 16, 5, 3)
     with pytest.raises(ValueError, match=match):
-        la.sequence_parallel_attention(query, value, key, mesh=_mesh(4), axis_name="sp", **kwargs)
+        lap.sequence_parallel_attention(query, value, key, mesh=_mesh(4), axis_name="sp", **kwargs)
 
 
 class _Model(nn.Module):

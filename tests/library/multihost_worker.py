@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import luong_attention as la
+from luong_attention import parallel as lap
 
 # Shapes: batch 2, Tq 5, Tv 11 (uneven over 4 devices), depth 3, value depth 4.
 SHAPES = {"query": (2, 5, 3), "key": (2, 11, 3), "value": (2, 11, 4)}
@@ -74,7 +74,7 @@ def main(process_id: int, num_processes: int, port: int, out_dir: str) -> None:
     for strategy, score_mode in RUNS:
 
         def parallel(*args, strategy=strategy, **kwargs):
-            return la.sequence_parallel_attention(
+            return lap.sequence_parallel_attention(
                 *args, mesh=mesh, axis_name="sp", strategy=strategy, **kwargs
             )
 

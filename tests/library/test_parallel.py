@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import luong_attention as la
+from luong_attention import parallel as lap
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -100,11 +101,11 @@ def _run_processes(count: int, out_dir: Path) -> None:
 def test_zigzag_helpers_are_inverse_permutations_of_the_chunks():
     """Device d's slice holds natural chunks d and 2n-1-d (checked on positions)."""
     positions = np.arange(24)
-    zigzag = np.asarray(la.to_zigzag(positions, 3, axis=-1))
+    zigzag = np.asarray(lap.to_zigzag(positions, 3, axis=-1))
     chunks = positions.reshape(6, 4)
     want = np.concatenate([chunks[0], chunks[5], chunks[1], chunks[4], chunks[2], chunks[3]])
     np.testing.assert_array_equal(zigzag, want)
-    np.testing.assert_array_equal(la.from_zigzag(zigzag, 3, axis=-1), positions)
+    np.testing.assert_array_equal(lap.from_zigzag(zigzag, 3, axis=-1), positions)
 
 
 def test_ring_score_work_is_balanced_by_zigzag_and_covers_the_causal_pairs():
@@ -112,11 +113,11 @@ def test_ring_score_work_is_balanced_by_zigzag_and_covers_the_causal_pairs():
     contiguous not; every device computes at least its causal pairs (a NumPy count)."""
     length, devices = 8192, 4
     for layout, balanced in (("zigzag", True), ("contiguous", False)):
-        work = la.ring_score_work(length, length, devices, layout=layout).sum(axis=1)
+        work = lap.ring_score_work(length, length, devices, layout=layout).sum(axis=1)
         assert (work.max() / work.mean() <= 1.1) == balanced, (layout, work)
         positions = np.arange(length)
         if layout == "zigzag":
-            positions = np.asarray(la.to_zigzag(positions, devices, axis=-1))
+            positions = np.asarray(lap.to_zigzag(positions, devices, axis=-1))
         for device, rows in enumerate(positions.reshape(devices, -1)):
             assert work[device] >= np.sum(rows + 1), (layout, device)
 

@@ -6,25 +6,25 @@ Shapes follow the legend in :mod:`luong_attention._src.primitives.scores`.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
-from luong_attention._src.kernels import blocked
+from luong_attention._src.functional.kernel_call import kernel_attention, kernel_weights
+from luong_attention._src.kernels.registry import get_kernel
 from luong_attention._src.primitives import checks
 from luong_attention._src.primitives.masks import as_bool_mask, mask_scores, score_mask
 from luong_attention._src.primitives.scores import (
     PrecisionLike,
-    concat_scores,
-    dot_scores,
+    ScoreMode,
+    ScoreParams,
     resolve_matmul_dtype,
     weighted_sum,
 )
 
-ScoreMode = Literal["dot", "concat"]
 Implementation = Literal["xla", "blocked"]
 
 # The automatic choice (``implementation=None``), measured with ``luong-attention bench`` on
@@ -53,9 +53,7 @@ def compute_scores(
     Returns:
       ``[batch..., q_length, kv_length]`` in float32 (or wider).
     """
-    if score_mode == "dot":
-        return dot_scores(query, key, scale=scale, precision=precision)
-    return concat_scores(query, key, scale=scale, concat_score_weight=concat_score_weight)
+    return ScoreParams(score_mode, scale, concat_score_weight).scores(query, key, precision)
 
 
 def dropout_weights(weights: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
@@ -122,47 +120,6 @@ def apply_query_mask(output: jax.Array, query_mask: ArrayLike | None) -> jax.Arr
     if query_mask is None:
         return output
     return jnp.where(query_mask[..., None], output, jnp.zeros((), output.dtype))
-
-
-def validate_attention_args(
-    query: ArrayLike,
-    value: ArrayLike,
-    key: ArrayLike | None,
-    query_mask: ArrayLike | None,
-    value_mask: ArrayLike | None,
-    *,
-    score_mode: str,
-    concat_score_weight: ArrayLike | None,
-    dropout_rate: float,
-    dropout_rng: jax.Array | None,
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
-    """Checks every argument of :func:`attention` and returns the arrays it will use.
-
-    Returns:
-      ``(query, value, key, query_mask, value_mask)`` as arrays; ``key`` is ``value`` when
-      none was given.
-
-    Raises:
-      ValueError, TypeError: naming the argument, the shapes seen and what was expected.
-    """
-    checks.check_score_mode(score_mode)
-    checks.check_rate("dropout_rate", dropout_rate)
-    if dropout_rate > 0.0 and dropout_rng is None:
-        raise ValueError(
-            f"dropout_rate={dropout_rate} needs a PRNG key: pass dropout_rng=jax.random.key(...)."
-        )
-    if score_mode != "concat" and concat_score_weight is not None:
-        raise ValueError(
-            "concat_score_weight is only used with score_mode='concat'. "
-            f"Received: score_mode={score_mode!r}"
-        )
-    query = checks.as_float_array("query", query)
-    value = checks.as_float_array("value", value)
-    key = value if key is None else checks.as_float_array("key", key)
-    batch_shape = checks.check_attention_shapes(query, value, key)
-    query_mask = checks.check_mask("query_mask", query_mask, batch_shape, query.shape[-2], "Tq")
-    value_mask = checks.check_mask("value_mask", value_mask, batch_shape, value.shape[-2], "Tv")
-    return query, value, key, query_mask, value_mask
 
 
 def attention(
@@ -232,7 +189,7 @@ def attention(
       ValueError, TypeError: for bad shapes, dtypes, ``score_mode`` or dropout arguments.
     """
     checks.check_implementation(implementation)
-    query, value, key, query_mask, value_mask = validate_attention_args(
+    query, value, key, query_mask, value_mask = checks.validate_attention_args(
         query,
         value,
         key,
@@ -243,66 +200,118 @@ def attention(
         dropout_rate=dropout_rate,
         dropout_rng=dropout_rng,
     )
-    dtype = jnp.result_type(query, key, value)
-    operand = resolve_matmul_dtype(dtype, matmul_dtype)
-    q_length, kv_length = query.shape[-2], key.shape[-2]
     if implementation is None:
         implementation = select_implementation(
             score_mode, query, key, value, return_attention_scores=return_attention_scores
         )
-    # "dot" multiplies in the operand dtype; "concat" adds, so its tanh runs in float32.
-    score_query, score_key = (
-        (query.astype(operand), key.astype(operand)) if score_mode == "dot" else (query, key)
-    )
-    scores_args = dict(
-        score_mode=score_mode,
-        scale=scale,
-        concat_score_weight=concat_score_weight,
-    )
-    if implementation == "blocked":
-        output, _ = blocked.blocked_attention(
-            query,
-            value,
-            key,
-            value_mask,
+    run = _blocked if implementation == "blocked" else _dense
+    dtype = jnp.result_type(query, key, value)
+    output, weights = run(
+        query,
+        value,
+        key,
+        value_mask,
+        _Settings(
+            scores=ScoreParams(score_mode, scale, concat_score_weight),
             use_causal_mask=use_causal_mask,
             dropout_rate=float(dropout_rate),
             dropout_rng=dropout_rng,
-            matmul_dtype=operand,
-            **scores_args,
-        )
-        weights = None
-        if return_attention_scores:
-            weights = _blocked_weights(
-                score_query,
-                score_key,
-                value_mask,
-                use_causal_mask,
-                dropout_rate,
-                dropout_rng,
-                scores_args,
-                batch_shape=output.shape[:-2],
-            )
-    else:
-        scores = compute_scores(score_query, score_key, precision=precision, **scores_args)
-        mask = score_mask(
-            value_mask, use_causal_mask=use_causal_mask, q_length=q_length, kv_length=kv_length
-        )
-        output, weights = apply_scores(
-            scores,
-            value.astype(operand),
-            mask,
-            dropout_rate=float(dropout_rate),
-            dropout_rng=dropout_rng,
+            weights=return_attention_scores,
             precision=precision,
-        )
+            operand=resolve_matmul_dtype(dtype, matmul_dtype),
+        ),
+    )
     output = apply_query_mask(output, query_mask).astype(dtype)
     batch_shape = output.shape[:-2]
-    chex.assert_shape(output, (*batch_shape, q_length, value.shape[-1]))
+    chex.assert_shape(output, (*batch_shape, query.shape[-2], value.shape[-1]))
     if return_attention_scores:
-        chex.assert_shape(weights, (*batch_shape, q_length, kv_length))
+        chex.assert_shape(weights, (*batch_shape, query.shape[-2], key.shape[-2]))
         return output, weights.astype(dtype)
     return output
+
+
+class _Settings(NamedTuple):
+    """What :func:`attention` hands its implementations besides the checked arrays."""
+
+    scores: ScoreParams
+    use_causal_mask: bool
+    dropout_rate: float
+    dropout_rng: jax.Array | None
+    weights: bool  # also return the weights
+    precision: PrecisionLike
+    operand: jnp.dtype  # the matmul operand dtype
+
+
+def _score_operands(
+    query: jax.Array, key: jax.Array, settings: _Settings
+) -> tuple[jax.Array, jax.Array]:
+    """ "dot" multiplies in the operand dtype; "concat" adds, so its tanh runs in float32."""
+    if settings.scores.mode != "dot":
+        return query, key
+    return query.astype(settings.operand), key.astype(settings.operand)
+
+
+def _dense(
+    query: jax.Array,
+    value: jax.Array,
+    key: jax.Array,
+    value_mask: jax.Array | None,
+    settings: _Settings,
+) -> tuple[jax.Array, jax.Array]:
+    """The ``"xla"`` implementation: the full ``[batch..., Tq, Tv]`` scores and weights."""
+    scores = settings.scores.scores(
+        *_score_operands(query, key, settings), precision=settings.precision
+    )
+    mask = score_mask(
+        value_mask,
+        use_causal_mask=settings.use_causal_mask,
+        q_length=query.shape[-2],
+        kv_length=key.shape[-2],
+    )
+    return apply_scores(
+        scores,
+        value.astype(settings.operand),
+        mask,
+        dropout_rate=settings.dropout_rate,
+        dropout_rng=settings.dropout_rng,
+        precision=settings.precision,
+    )
+
+
+def _blocked(
+    query: jax.Array,
+    value: jax.Array,
+    key: jax.Array,
+    value_mask: jax.Array | None,
+    settings: _Settings,
+) -> tuple[jax.Array, jax.Array | None]:
+    """The ``"blocked"`` implementation; the dense weights only when asked for."""
+    kernel = get_kernel("blocked")
+    output, _ = kernel_attention(
+        kernel,
+        query,
+        value,
+        key,
+        value_mask,
+        scores=settings.scores,
+        use_causal_mask=settings.use_causal_mask,
+        dropout_rate=settings.dropout_rate,
+        dropout_rng=settings.dropout_rng,
+        matmul_dtype=settings.operand,
+    )
+    if not settings.weights:
+        return output, None
+    weights = kernel_weights(
+        kernel,
+        *_score_operands(query, key, settings),
+        value_mask,
+        scores=settings.scores,
+        use_causal_mask=settings.use_causal_mask,
+        dropout_rate=settings.dropout_rate,
+        dropout_rng=settings.dropout_rng,
+        batch_shape=output.shape[:-2],
+    )
+    return output, weights
 
 
 def select_implementation(
@@ -337,123 +346,3 @@ def select_implementation(
             per_example >= AUTO_BLOCKED_DOT_SCORES or scores >= AUTO_BLOCKED_DOT_BATCH_SCORES
         )
     return "blocked" if blocked_wins else "xla"
-
-
-def _blocked_weights(
-    query: jax.Array,
-    key: jax.Array,
-    value_mask: jax.Array | None,
-    use_causal_mask: bool,
-    dropout_rate: float,
-    dropout_rng: jax.Array | None,
-    scores_args: dict,
-    batch_shape: tuple[int, ...],
-) -> jax.Array:
-    """The dense weights matching a blocked call's output (same dropout tiles).
-
-    ``[*batch_shape, Tq, Tv]`` (``batch_shape``: the output's): the core's masked softmax,
-    times the blocked kernel's dropout multipliers when ``dropout_rate > 0``.
-    """
-    q_length, kv_length = query.shape[-2], key.shape[-2]
-    scores = compute_scores(query, key, **scores_args)
-    mask = score_mask(
-        value_mask, use_causal_mask=use_causal_mask, q_length=q_length, kv_length=kv_length
-    )
-    weights = jax.nn.softmax(mask_scores(scores, mask), axis=-1)
-    weights = jnp.broadcast_to(weights, (*batch_shape, q_length, kv_length))
-    if dropout_rate == 0.0:
-        return weights
-    batch = math.prod(batch_shape)
-    cfg = blocked.make_config(
-        scores_args["score_mode"],
-        use_causal_mask,
-        q_length,
-        kv_length,
-        query.shape[-1],
-        dropout_rate,
-        None,
-        None,
-        batch,
-    )
-    keep = blocked.dropout_multiplier(cfg, dropout_rng, batch)
-    return weights * keep.reshape(weights.shape)
-
-
-def blocked_attention_with_lse(
-    query: ArrayLike,
-    value: ArrayLike,
-    key: ArrayLike | None = None,
-    *,
-    value_mask: ArrayLike | None = None,
-    use_causal_mask: bool = False,
-    q_offset: ArrayLike = 0,
-    kv_offset: ArrayLike = 0,
-    score_mode: ScoreMode = "dot",
-    scale: ArrayLike | None = None,
-    concat_score_weight: ArrayLike | None = None,
-    dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
-    block_q: int | None = None,
-    block_kv: int | None = None,
-    matmul_dtype: DTypeLike | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Memory-efficient attention that also returns each row's logsumexp.
-
-    The same maths as :func:`attention` (without ``query_mask``, which only zeroes output
-    rows), computed over ``[block_q, block_kv]`` tiles with an online softmax and a
-    FlashAttention-2 style backward, so memory stays linear in the lengths. It is
-    differentiable in ``query``, ``key``, ``value``, ``scale``, ``concat_score_weight`` and
-    through both outputs (``d lse / d score = softmax weight``).
-
-    Partial results over disjoint key sets merge exactly:
-    ``lse = logaddexp(lse_a, lse_b)``, ``out = exp(lse_a - lse) * out_a + exp(lse_b - lse) *
-    out_b``. Positions ``q_offset``/``kv_offset`` place the blocks in a longer sequence for
-    the causal mask: query ``q_offset + i`` sees key ``kv_offset + j`` iff
-    ``kv_offset + j <= q_offset + i``.
-
-    Args:
-      query: ``[batch..., Tq, depth]``; value: ``[batch..., Tv, dim_v]``;
-      key: ``[batch..., Tv, depth]`` (``None``: ``value``).
-      value_mask: ``[batch..., Tv]`` or ``None``; masked scores are ``score - 1e9``, so a
-        row with no visible key is a near-uniform softmax over all ``Tv`` keys (as Keras).
-      use_causal_mask: causal mask on the global positions (see above).
-      q_offset, kv_offset: global position of the first query / key (int, may be traced).
-      score_mode, scale, concat_score_weight, dropout_rate, dropout_rng: as in
-        :func:`attention`; dropout tile ``(i, j)`` uses ``fold_in(dropout_rng, i * n_kv + j)``.
-      block_q, block_kv: tile sizes (``None``: :func:`blocked.default_blocks`).
-      matmul_dtype: the matmuls' operand dtype, as in :func:`attention`.
-
-    Returns:
-      ``(output [batch..., Tq, dim_v], lse [batch..., Tq])``: the normalised output and the
-      logsumexp of each row's masked scores, both in float32 (``stats_dtype`` of the inputs).
-      In a fully masked row ``lse`` is about ``-1e9`` and carries only float32 precision
-      there (spacing 64), so merging such rows across shards is approximate.
-    """
-    query, value, key, _, value_mask = validate_attention_args(
-        query,
-        value,
-        key,
-        None,
-        value_mask,
-        score_mode=score_mode,
-        concat_score_weight=concat_score_weight,
-        dropout_rate=dropout_rate,
-        dropout_rng=dropout_rng,
-    )
-    return blocked.blocked_attention(
-        query,
-        value,
-        key,
-        value_mask,
-        use_causal_mask=use_causal_mask,
-        q_offset=q_offset,
-        kv_offset=kv_offset,
-        score_mode=score_mode,
-        scale=scale,
-        concat_score_weight=concat_score_weight,
-        dropout_rate=float(dropout_rate),
-        dropout_rng=dropout_rng,
-        block_q=block_q,
-        block_kv=block_kv,
-        matmul_dtype=matmul_dtype,
-    )

@@ -1,11 +1,14 @@
-"""Blocked (online-softmax) attention with a FlashAttention-2 style backward.
+"""The blocked kernel (``lax`` loops over tiles, for CPUs): :data:`KERNEL`.
+
+Online-softmax attention with a FlashAttention-2 style backward, behind the kernel interface
+(:mod:`luong_attention._src.kernels.api`).
 
 The maths is the core's (:func:`luong_attention.attention`): Keras scores, masked scores
 pushed down by :data:`MASK_PENALTY`, a float32 softmax and the weighted sum of the values.
 Instead of building the ``[Tq, Tv]`` score matrix (and for ``"concat"`` the
 ``[Tq, Tv, depth]`` tanh tensor) it walks over ``[block_q, block_kv]`` tiles, carrying the
 running row max, denominator and output accumulator in float32. The backward pass
-recomputes each tile from the saved per-row logsumexp, so forward and gradient both need
+recomputes each tile from the saved per-row max and denominator, so forward and gradient both need
 memory linear in the lengths.
 
 Masking follows the core exactly. A masked score is ``score - MASK_PENALTY``; in a row that
@@ -15,30 +18,29 @@ all ``Tv`` penalised scores (close to the mean of the values, as in Keras), so a
 skipped only when no row of its query block is fully masked. Under the causal mask the
 fully masked rows are a prefix of the queries, which keeps the tile schedule two ranges.
 
-Internal layout: batch dims are broadcast and flattened to ``B``; lengths are padded to
-whole blocks and the arrays are stored block-major, ``[n_blocks, B, block, depth]``, so the
+Internal layout: the interface's ``[B, T, ...]`` arrays are padded to whole blocks and
+stored block-major, ``[n_blocks, B, block, depth]``, so the
 loops index their leading axis. Padded keys are excluded outright (a bias of
 ``-_PAD_PENALTY``), unlike masked keys, which still count in fully masked rows.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
 
-from luong_attention._src.primitives.masks import MASK_PENALTY, as_bool_mask
-from luong_attention._src.primitives.scores import (
-    concat_scores,
-    dot_scores,
-    narrower_dtype,
-    resolve_matmul_dtype,
-    stats_dtype,
+from luong_attention._src.kernels.api import (
+    Kernel,
+    Operands,
+    RowStats,
+    Schedule,
+    SoftmaxState,
+    TileConfig,
 )
+from luong_attention._src.primitives.masks import MASK_PENALTY
+from luong_attention._src.primitives.scores import concat_scores, dot_scores, narrower_dtype
 
 # Padded keys get this bias: far below a penalised score (about -1e9), still finite in f32.
 _PAD_PENALTY = 1.0e30
@@ -55,18 +57,6 @@ DOT_BLOCK_Q_RANGE = (128, 4096)
 DOT_CAUSAL_BLOCK_Q_MAX = 2048
 DOT_TILE_ELEMENTS = 1 << 21
 CONCAT_TILE_ELEMENTS = 1 << 21
-
-
-class _Config(NamedTuple):
-    """Static (hashable) settings of one blocked call."""
-
-    score_mode: Literal["dot", "concat"]
-    causal: bool
-    block_q: int
-    block_kv: int
-    q_length: int
-    kv_length: int
-    dropout_rate: float
 
 
 def _balanced(length: int, target: int) -> int:
@@ -120,23 +110,28 @@ def default_blocks(
     return _balanced(q_length, block_q), _balanced(kv_length, block_kv)
 
 
-def make_config(
+def config(
     score_mode: str,
-    causal: bool,
     q_length: int,
     kv_length: int,
     depth: int,
-    dropout_rate: float,
-    block_q: int | None,
-    block_kv: int | None,
+    *,
+    causal: bool = False,
+    dropout_rate: float = 0.0,
+    block_q: int | None = None,
+    block_kv: int | None = None,
     batch: int = 1,
-) -> _Config:
-    """Checks the block sizes and fills in the defaults (see :func:`default_blocks`)."""
+) -> TileConfig:
+    """The tiles of one call: checks ``block_q``/``block_kv``, fills in :func:`default_blocks`.
+
+    Raises:
+      ValueError: for a block size that is not a positive int or ``None``.
+    """
     for name, block in (("block_q", block_q), ("block_kv", block_kv)):
         if block is not None and (not isinstance(block, int) or block < 1):
             raise ValueError(f"{name} must be a positive int or None. Received: {name}={block!r}")
     default_q, default_kv = default_blocks(score_mode, q_length, kv_length, depth, batch, causal)
-    return _Config(
+    return TileConfig(
         score_mode=score_mode,
         causal=bool(causal),
         block_q=min(block_q or default_q, q_length),
@@ -147,13 +142,13 @@ def make_config(
     )
 
 
-def dropout_multiplier(cfg: _Config, rng: jax.Array, batch: int) -> jax.Array:
+def dropout_multiplier(cfg: TileConfig, rng: jax.Array, batch: int) -> jax.Array:
     """The blocked path's dropout multipliers as one ``[B, Tq, Tv]`` array.
 
     Tile ``(i, j)`` draws its mask from ``fold_in(rng, i * n_kv + j)``, exactly as the kernel
     does, so the weights returned by ``return_attention_scores`` match the output.
     """
-    n_q, n_kv = -(-cfg.q_length // cfg.block_q), -(-cfg.kv_length // cfg.block_kv)
+    n_q, n_kv = cfg.n_q, cfg.n_kv
     shape = (batch, cfg.block_q, cfg.block_kv)
     tiles = jax.vmap(
         jax.vmap(lambda i, j: _tile_keep(cfg, rng, i, j, shape), (None, 0)), (0, None)
@@ -163,13 +158,13 @@ def dropout_multiplier(cfg: _Config, rng: jax.Array, batch: int) -> jax.Array:
     return full[:, : cfg.q_length, : cfg.kv_length]
 
 
-def _to_blocks(x: jax.Array, block: int) -> jax.Array:
-    """``[B, T, ...]`` -> ``[ceil(T / block), B, block, ...]``, zero padded."""
+def _to_blocks(x: jax.Array, block: int, fill: float = 0.0) -> jax.Array:
+    """``[B, T, ...]`` -> ``[ceil(T / block), B, block, ...]``, padded with ``fill``."""
     length = x.shape[1]
     n_blocks = -(-length // block)
     pad = [(0, 0)] * x.ndim
     pad[1] = (0, n_blocks * block - length)
-    x = jnp.pad(x, pad).reshape(x.shape[0], n_blocks, block, *x.shape[2:])
+    x = jnp.pad(x, pad, constant_values=fill).reshape(x.shape[0], n_blocks, block, *x.shape[2:])
     return jnp.moveaxis(x, 1, 0)
 
 
@@ -195,7 +190,7 @@ def _bmm(a: jax.Array, b: jax.Array, contract: tuple[int, int], out: jnp.dtype) 
     )
 
 
-def _tile_scores(cfg: _Config, qb: jax.Array, kb: jax.Array, weight: jax.Array) -> jax.Array:
+def _tile_scores(cfg: TileConfig, qb: jax.Array, kb: jax.Array, weight: jax.Array) -> jax.Array:
     """Raw scores of one tile, ``[B, bq, bk]``; ``scale`` was folded into ``qb``/``kb``."""
     if cfg.score_mode == "dot":
         return dot_scores(qb, kb)
@@ -203,7 +198,7 @@ def _tile_scores(cfg: _Config, qb: jax.Array, kb: jax.Array, weight: jax.Array) 
 
 
 def _tile_bias(
-    cfg: _Config,
+    cfg: TileConfig,
     biases: tuple[jax.Array, jax.Array] | None,
     offsets: tuple[jax.Array, jax.Array],
     i: jax.Array,
@@ -225,20 +220,19 @@ def _tile_bias(
 
 
 def _tile_keep(
-    cfg: _Config, rng: jax.Array | None, i: jax.Array, j: jax.Array, shape: tuple[int, ...]
+    cfg: TileConfig, rng: jax.Array | None, i: jax.Array, j: jax.Array, shape: tuple[int, ...]
 ) -> jax.Array | None:
     """Dropout multiplier of tile ``(i, j)``: ``keep / (1 - rate)``, or ``None``."""
     if cfg.dropout_rate == 0.0:
         return None
-    n_kv = -(-cfg.kv_length // cfg.block_kv)
     keep = jax.random.bernoulli(
-        jax.random.fold_in(rng, i * n_kv + j), 1.0 - cfg.dropout_rate, shape
+        jax.random.fold_in(rng, i * cfg.n_kv + j), 1.0 - cfg.dropout_rate, shape
     )
     return keep.astype(jnp.float32) / (1.0 - cfg.dropout_rate)
 
 
 def _key_biases(
-    cfg: _Config, value_mask: jax.Array | None, n_kv: int, dtype: jnp.dtype
+    cfg: TileConfig, value_mask: jax.Array | None, n_kv: int, dtype: jnp.dtype
 ) -> tuple[jax.Array, jax.Array] | None:
     """The ``(allowed, masked)`` key biases ``[n_kv, B or 1, bk]`` (see :func:`_tile_bias`)."""
     padded = n_kv * cfg.block_kv != cfg.kv_length
@@ -256,22 +250,17 @@ def _key_biases(
     )[..., 0]
 
 
-def _schedule(
-    cfg: _Config,
-    value_mask: jax.Array | None,
-    offsets: tuple[jax.Array, jax.Array],
-    n_q: int,
-    n_kv: int,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Which tiles to compute: ``(kv_stop [n_q], q_start [n_kv], n_full)``.
+def schedule(
+    cfg: TileConfig, value_mask: jax.Array | None, offsets: tuple[jax.Array, jax.Array]
+) -> Schedule:
+    """Which tiles to compute (see :class:`Schedule`): everything without the causal mask.
 
-    Query block ``i`` visits key blocks ``[0, kv_stop[i])``; key block ``j`` is visited by
-    query blocks ``[0, min(n_full, q_start[j]))`` and ``[q_start[j], n_q)``. Without the causal
-    mask everything is visited. ``n_full`` counts the leading query blocks that hold a fully
-    masked row (a prefix under the causal mask), which must see every key.
+    Under the causal mask the fully masked rows (their first allowed key lies after them)
+    are a prefix of the queries, so ``n_full`` leading query tiles see every key.
     """
+    n_q, n_kv = cfg.n_q, cfg.n_kv
     if not cfg.causal:
-        return jnp.full((n_q,), n_kv), jnp.zeros((n_kv,), jnp.int32), jnp.int32(0)
+        return Schedule(jnp.full((n_q,), n_kv), jnp.zeros((n_kv,), jnp.int32), jnp.int32(0))
     q_off, kv_off = offsets
     last_row = q_off + (jnp.arange(n_q) + 1) * cfg.block_q - 1
     kv_stop = jnp.clip((last_row - kv_off) // cfg.block_kv + 1, 0, n_kv)
@@ -284,52 +273,31 @@ def _schedule(
     full_rows = jnp.clip(kv_off + jnp.max(first) - q_off, 0, cfg.q_length)
     n_full = -(-full_rows // cfg.block_q)
     kv_stop = jnp.where(jnp.arange(n_q) < n_full, n_kv, kv_stop)
-    return kv_stop, q_start, n_full.astype(jnp.int32)
+    return Schedule(kv_stop, q_start, n_full.astype(jnp.int32))
 
 
 def _tiles(
-    cfg: _Config,
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    value_mask: jax.Array | None,
-    offsets: tuple[jax.Array, jax.Array],
-    stats: jnp.dtype,
-) -> tuple[
-    jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None, tuple[jax.Array, ...]
-]:
+    cfg: TileConfig, ops: Operands
+) -> tuple[jax.Array, jax.Array, jax.Array, tuple[jax.Array, jax.Array] | None, Schedule]:
     """What forward and backward both start from: block-major ``q``/``k``/``v``
-    (``[n_blocks, B, block, ...]``), the per-key-block biases (in ``stats``, the float32+
-    dtype of the scores) and the tile schedule."""
+    (``[n_blocks, B, block, ...]``), the per-key-block biases (in the statistics dtype of
+    ``ops.weight``) and the tile schedule."""
     qb, kb, vb = (
-        _to_blocks(q, cfg.block_q),
-        _to_blocks(k, cfg.block_kv),
-        _to_blocks(v, cfg.block_kv),
+        _to_blocks(ops.q, cfg.block_q),
+        _to_blocks(ops.k, cfg.block_kv),
+        _to_blocks(ops.v, cfg.block_kv),
     )
-    n_q, n_kv = qb.shape[0], kb.shape[0]
-    biases = _key_biases(cfg, value_mask, n_kv, stats)
-    return qb, kb, vb, biases, _schedule(cfg, value_mask, offsets, n_q, n_kv)
+    biases = _key_biases(cfg, ops.value_mask, cfg.n_kv, ops.weight.dtype)
+    return qb, kb, vb, biases, schedule(cfg, ops.value_mask, ops.offsets)
 
 
-def _forward(
-    cfg: _Config,
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    weight: jax.Array,
-    value_mask: jax.Array | None,
-    offsets: tuple[jax.Array, jax.Array],
-    rng: jax.Array | None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Blocked forward on ``[B, T, ...]`` arrays; returns block-major ``(out, m, denom)``.
-
-    ``out`` is ``[n_q, B, bq, dim_v]`` (normalised); the row max ``m`` and denominator ``denom``
-    are ``[n_q, B, bq]``. They are kept apart because in a fully masked row ``m`` is about
-    ``-1e9``, where float32 cannot hold ``m + log(denom)`` to better than 64.
+def forward(cfg: TileConfig, ops: Operands) -> SoftmaxState:
+    """The online softmax over ``[block_q, block_kv]`` tiles: the state of every query row
+    (``[B, Tq]``, ``[B, Tq]``, ``[B, Tq, dim_v]``, in the statistics dtype of ``ops.weight``).
     """
-    qb, kb, vb, biases, (kv_stop, _, _) = _tiles(cfg, q, k, v, value_mask, offsets, weight.dtype)
-    n_q = qb.shape[0]
-    batch, dim_v, stats = q.shape[0], v.shape[-1], weight.dtype
+    qb, kb, vb, biases, sched = _tiles(cfg, ops)
+    weight, offsets, stats = ops.weight, ops.offsets, ops.weight.dtype
+    batch, dim_v = ops.q.shape[0], ops.v.shape[-1]
 
     def q_block(args):
         i, q_i = args
@@ -344,7 +312,7 @@ def _forward(
             p = jnp.exp(s - m_new[..., None])
             alpha = jnp.exp(m - m_new)
             denom = alpha * denom + p.sum(-1)
-            keep = _tile_keep(cfg, rng, i, j, p.shape)
+            keep = _tile_keep(cfg, ops.rng, i, j, p.shape)
             pv = _bmm(p if keep is None else p * keep, vb[j], (2, 1), stats)
             return m_new, denom, alpha[..., None] * acc + pv
 
@@ -353,43 +321,38 @@ def _forward(
             jnp.zeros((batch, cfg.block_q), stats),
             jnp.zeros((batch, cfg.block_q, dim_v), stats),
         )
-        m, denom, acc = jax.lax.fori_loop(0, kv_stop[i], kv_step, init)
-        return acc / denom[..., None], m, denom
+        return jax.lax.fori_loop(0, sched.kv_stop[i], kv_step, init)
 
-    return jax.lax.map(q_block, (jnp.arange(n_q), qb))
+    m, denom, acc = jax.lax.map(q_block, (jnp.arange(cfg.n_q), qb))
+    return SoftmaxState(*(_from_blocks(x, cfg.q_length) for x in (m, denom, acc)))
 
 
-def _backward(
-    cfg: _Config,
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    weight: jax.Array,
-    value_mask: jax.Array | None,
-    offsets: tuple[jax.Array, jax.Array],
-    rng: jax.Array | None,
-    out: jax.Array,
-    m: jax.Array,
-    denom: jax.Array,
-    d_out: jax.Array,
-    d_lse: jax.Array,
+def backward(
+    cfg: TileConfig, ops: Operands, stats: RowStats, d_out: jax.Array, d_lse: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Gradients ``(dq, dk, dv, dweight)`` of the blocked forward (FlashAttention-2 order).
 
     The outer loop walks key blocks and accumulates their ``dk``/``dv``; the inner loop walks
-    the query blocks that see them, recomputing the tile's weights from ``m`` and ``denom`` and
-    adding into ``dq``. ``out``/``m``/``denom`` are block-major; ``d_out``/``d_lse`` are
-    ``[B, Tq, ...]``.
+    the query blocks that see them, recomputing the tile's weights from ``stats.m`` and
+    ``stats.denom`` and adding into ``dq``.
+
+    Args:
+      cfg, ops: as the forward's.
+      stats: the rows' output ``[B, Tq, dim_v]``, final max and denominator ``[B, Tq]``.
+      d_out: ``[B, Tq, dim_v]``; d_lse: ``[B, Tq]``, cotangents of output and logsumexp.
     """
-    stats = weight.dtype
-    qb, kb, vb, biases, (_, q_start, n_full) = _tiles(cfg, q, k, v, value_mask, offsets, stats)
+    q, k, v, weight, _, offsets, rng = ops
+    acc_dtype = weight.dtype
+    qb, kb, vb, biases, (_, q_start, n_full) = _tiles(cfg, ops)
     n_q, n_kv = qb.shape[0], kb.shape[0]
     d_outb = _to_blocks(d_out, cfg.block_q)
     # d lse / d s = p, so the lse cotangent enters as a shift of the usual row term D.
-    delta = (d_outb * out).sum(-1) - _to_blocks(d_lse, cfg.block_q)
+    delta = (d_outb * _to_blocks(stats.out, cfg.block_q)).sum(-1) - _to_blocks(d_lse, cfg.block_q)
     # dO meets v and p in the matmuls: in the operand dtype, as the inputs.
     d_outb = d_outb.astype(v.dtype)
-    inv_denom = 1.0 / denom
+    # Padded rows get m = +inf, so weight 0 (never exp overflow from an unknown max).
+    m = _to_blocks(stats.m, cfg.block_q, jnp.inf)
+    inv_denom = 1.0 / _to_blocks(stats.denom, cfg.block_q, 1.0)
 
     # Key-major tiles [B, bk, bq]: every matmul below is then NN or NT, which XLA:CPU runs
     # about 3x faster than the TN products (p^T dO, ds^T q) of the query-major layout. For
@@ -406,27 +369,29 @@ def _backward(
             i = jnp.where(t < head, t, q_start[j] + t - head)
             q_i, do_i = qb[i], d_outb[i]
             if cfg.score_mode == "dot":
-                s_t = _bmm(k_j, q_i, (2, 2), stats)
+                s_t = _bmm(k_j, q_i, (2, 2), acc_dtype)
             else:
-                tanh = jnp.tanh(k_j.astype(stats)[:, :, None, :] + q_i.astype(stats)[:, None])
+                tanh = jnp.tanh(
+                    k_j.astype(acc_dtype)[:, :, None, :] + q_i.astype(acc_dtype)[:, None]
+                )
                 tanh_sum = tanh.sum(-1)
                 s_t = weight * tanh_sum
             bias = _tile_bias(cfg, biases, offsets, i, j)
             if bias is not None:
                 s_t = s_t + jnp.swapaxes(bias, -1, -2)
             p_t = jnp.exp(s_t - m[i][:, None, :]) * inv_denom[i][:, None, :]
-            dp_t = _bmm(v_j, do_i, (2, 2), stats)
+            dp_t = _bmm(v_j, do_i, (2, 2), acc_dtype)
             keep = _tile_keep(cfg, rng, i, j, (p_t.shape[0], cfg.block_q, cfg.block_kv))
             if keep is None:
-                dv_j = dv_j + _bmm(p_t, do_i, (2, 1), stats)
+                dv_j = dv_j + _bmm(p_t, do_i, (2, 1), acc_dtype)
             else:
                 keep_t = jnp.swapaxes(keep, -1, -2)
                 dp_t = dp_t * keep_t
-                dv_j = dv_j + _bmm(p_t * keep_t, do_i, (2, 1), stats)
+                dv_j = dv_j + _bmm(p_t * keep_t, do_i, (2, 1), acc_dtype)
             ds_t = p_t * (dp_t - delta[i][:, None, :])
             if cfg.score_mode == "dot":
-                dk_j = dk_j + _bmm(ds_t, q_i, (2, 1), stats)
-                dq_i = _bmm(key_t[j], ds_t, (2, 1), stats)
+                dk_j = dk_j + _bmm(ds_t, q_i, (2, 1), acc_dtype)
+                dq_i = _bmm(key_t[j], ds_t, (2, 1), acc_dtype)
             else:
                 dweight = dweight + (ds_t * tanh_sum).sum()
                 g = (weight * ds_t)[..., None] * (1.0 - tanh * tanh)
@@ -434,7 +399,7 @@ def _backward(
                 dq_i = g.sum(1)
             return dk_j, dv_j, dq.at[i].add(dq_i), dweight
 
-        init = (jnp.zeros(k_j.shape, stats), jnp.zeros(v_j.shape, stats), dq, dweight)
+        init = (jnp.zeros(k_j.shape, acc_dtype), jnp.zeros(v_j.shape, acc_dtype), dq, dweight)
         dk_j, dv_j, dq, dweight = jax.lax.fori_loop(0, head + n_q - q_start[j], q_step, init)
         return (dq, dweight), (dk_j, dv_j)
 
@@ -443,7 +408,7 @@ def _backward(
 
     dq_shape = jnp.swapaxes(qb, -1, -2).shape if cfg.score_mode == "dot" else qb.shape
     (dq, dweight), (dk, dv) = jax.lax.scan(
-        scan_step, (jnp.zeros(dq_shape, stats), jnp.zeros((), stats)), jnp.arange(n_kv)
+        scan_step, (jnp.zeros(dq_shape, acc_dtype), jnp.zeros((), acc_dtype)), jnp.arange(n_kv)
     )
     if cfg.score_mode == "dot":
         dq = jnp.swapaxes(dq, -1, -2)
@@ -456,131 +421,11 @@ def _backward(
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(
-    cfg: _Config,
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    weight: jax.Array,
-    value_mask: jax.Array | None,
-    offsets: tuple[jax.Array, jax.Array],
-    rng: jax.Array | None,
-) -> tuple[jax.Array, jax.Array]:
-    """``(out [B, Tq, dim_v], lse [B, Tq])`` of the blocked attention (see module doc)."""
-    out, m, denom = _forward(cfg, q, k, v, weight, value_mask, offsets, rng)
-    return _from_blocks(out, cfg.q_length), _from_blocks(m + jnp.log(denom), cfg.q_length)
-
-
-def _flash_fwd(
-    cfg: _Config,
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    weight: jax.Array,
-    value_mask: jax.Array | None,
-    offsets: tuple[jax.Array, jax.Array],
-    rng: jax.Array | None,
-) -> tuple[tuple[jax.Array, jax.Array], tuple]:
-    """Forward rule: the outputs, and the residuals the backward recomputes tiles from."""
-    out, m, denom = _forward(cfg, q, k, v, weight, value_mask, offsets, rng)
-    residuals = (q, k, v, weight, value_mask, offsets, rng, out, m, denom)
-    lse = _from_blocks(m + jnp.log(denom), cfg.q_length)
-    return (_from_blocks(out, cfg.q_length), lse), residuals
-
-
-def _flash_bwd(cfg: _Config, residuals: tuple, cotangents: tuple[jax.Array, jax.Array]) -> tuple:
-    """Backward rule: cotangents of q, k, v, weight; none for masks, offsets and rng."""
-    q, k, v, weight, value_mask, offsets, rng, out, m, denom = residuals
-    d_out, d_lse = cotangents
-    dq, dk, dv, dweight = _backward(
-        cfg, q, k, v, weight, value_mask, offsets, rng, out, m, denom, d_out, d_lse
-    )
-    return dq, dk, dv, dweight, None, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
-
-
-def _flat(
-    x: jax.Array, batch_shape: tuple[int, ...], dtype: jnp.dtype, core_ndim: int = 2
-) -> jax.Array:
-    """``[batch..., *core]`` broadcast to ``batch_shape`` and flattened to ``[B, *core]``."""
-    tail = x.shape[x.ndim - core_ndim :]
-    x = jnp.broadcast_to(x.astype(dtype), (*batch_shape, *tail))
-    return x.reshape(-1, *tail)
-
-
-def blocked_attention(
-    query: jax.Array,
-    value: jax.Array,
-    key: jax.Array,
-    value_mask: ArrayLike | None,
-    *,
-    use_causal_mask: bool = False,
-    q_offset: ArrayLike = 0,
-    kv_offset: ArrayLike = 0,
-    score_mode: Literal["dot", "concat"] = "dot",
-    scale: ArrayLike | None = None,
-    concat_score_weight: ArrayLike | None = None,
-    dropout_rate: float = 0.0,
-    dropout_rng: jax.Array | None = None,
-    block_q: int | None = None,
-    block_kv: int | None = None,
-    matmul_dtype: jnp.dtype | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """Blocked attention on checked arrays (see :func:`blocked_attention_with_lse`).
-
-    Args:
-      query: ``[batch..., Tq, depth]``; value: ``[batch..., Tv, dim_v]``;
-      key: ``[batch..., Tv, depth]``; value_mask: ``[batch..., Tv]`` or ``None``.
-
-    Query, key and value enter the matmuls in ``resolve_matmul_dtype(inputs, matmul_dtype)``
-    (bfloat16/float16 stay low precision where the hardware multiplies them natively); the
-    scores, the running max, denominator and output accumulator, the logsumexp and the
-    gradient accumulators are ``stats_dtype`` (float32 for float32/16 inputs).
-
-    Returns:
-      ``(output [batch..., Tq, dim_v], lse [batch..., Tq])`` in ``stats_dtype``.
-    """
-    input_dtype = jnp.result_type(query, key, value)
-    dtype = stats_dtype(input_dtype)
-    operand = resolve_matmul_dtype(input_dtype, matmul_dtype)
-    value_mask = as_bool_mask(value_mask)
-    mask_batch = () if value_mask is None else value_mask.shape[:-1]
-    batch_shape = jnp.broadcast_shapes(
-        query.shape[:-2], key.shape[:-2], value.shape[:-2], mask_batch
-    )
-    q, k, v = (_flat(x, batch_shape, operand) for x in (query, key, value))
-    if value_mask is not None:
-        value_mask = _flat(value_mask, batch_shape, jnp.bool_, core_ndim=1)
-    if scale is not None:
-        # Folded into the queries (and keys, for "concat") in float32, then rounded to the
-        # operand dtype: one rounding, as the inputs' own.
-        scale = jnp.asarray(scale).astype(dtype)
-        q = (q.astype(dtype) * scale).astype(operand)
-        if score_mode == "concat":
-            k = (k.astype(dtype) * scale).astype(operand)
-    if score_mode == "concat":
-        weight = jnp.asarray(1.0 if concat_score_weight is None else concat_score_weight)
-        weight = weight.astype(dtype)
-    else:
-        weight = jnp.zeros((), dtype)
-    cfg = make_config(
-        score_mode,
-        use_causal_mask,
-        q.shape[1],
-        k.shape[1],
-        q.shape[-1],
-        dropout_rate,
-        block_q,
-        block_kv,
-        q.shape[0],
-    )
-    offsets = (jnp.asarray(q_offset, jnp.int32), jnp.asarray(kv_offset, jnp.int32))
-    rng = dropout_rng if cfg.dropout_rate > 0.0 else None
-    out, lse = _flash(cfg, q, k, v, weight, value_mask, offsets, rng)
-    return (
-        out.reshape(*batch_shape, cfg.q_length, v.shape[-1]),
-        lse.reshape(*batch_shape, cfg.q_length),
-    )
+KERNEL = Kernel(
+    name="blocked",
+    config=config,
+    forward=forward,
+    backward=backward,
+    schedule=schedule,
+    dropout_multiplier=dropout_multiplier,
+)

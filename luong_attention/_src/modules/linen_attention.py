@@ -11,8 +11,8 @@ from flax.typing import Dtype
 from jax.sharding import Mesh
 
 from luong_attention._src.functional.attention import Implementation, ScoreMode, attention
-from luong_attention._src.functional.layout import Layout
-from luong_attention._src.functional.parallel import (
+from luong_attention._src.parallel.layout import Layout
+from luong_attention._src.parallel.sequence import (
     Strategy,
     check_sequence_fields,
     sequence_parallel_attention,

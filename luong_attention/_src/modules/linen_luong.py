@@ -15,7 +15,6 @@ import jax.numpy as jnp
 from flax.typing import Dtype, Initializer
 from jax.sharding import Mesh
 
-from luong_attention._src.functional.layout import Layout
 from luong_attention._src.functional.luong import (
     LuongMode,
     LuongScore,
@@ -33,11 +32,9 @@ from luong_attention._src.functional.luong_cell import (
     init_decoder_state,
     luong_param_shapes,
 )
-from luong_attention._src.functional.parallel import (
-    Strategy,
-    check_sequence_fields,
-    luong_sequence_parallel,
-)
+from luong_attention._src.parallel.layout import Layout
+from luong_attention._src.parallel.luong import luong_sequence_parallel
+from luong_attention._src.parallel.sequence import Strategy, check_sequence_fields
 from luong_attention._src.primitives import checks
 from luong_attention._src.primitives.scores import PrecisionLike
 

@@ -177,3 +177,44 @@ def check_implementation(implementation: Any) -> None:
             "Invalid value for argument implementation. Expected None, 'xla' or 'blocked'. "
             f"Received: implementation={implementation!r}"
         )
+
+
+def validate_attention_args(
+    query: Any,
+    value: Any,
+    key: Any,
+    query_mask: Any,
+    value_mask: Any,
+    *,
+    score_mode: str,
+    concat_score_weight: Any,
+    dropout_rate: float,
+    dropout_rng: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+    """Checks every argument of ``attention`` and returns the arrays it will use.
+
+    Returns:
+      ``(query, value, key, query_mask, value_mask)`` as arrays; ``key`` is ``value`` when
+      none was given.
+
+    Raises:
+      ValueError, TypeError: naming the argument, the shapes seen and what was expected.
+    """
+    check_score_mode(score_mode)
+    check_rate("dropout_rate", dropout_rate)
+    if dropout_rate > 0.0 and dropout_rng is None:
+        raise ValueError(
+            f"dropout_rate={dropout_rate} needs a PRNG key: pass dropout_rng=jax.random.key(...)."
+        )
+    if score_mode != "concat" and concat_score_weight is not None:
+        raise ValueError(
+            "concat_score_weight is only used with score_mode='concat'. "
+            f"Received: score_mode={score_mode!r}"
+        )
+    query = as_float_array("query", query)
+    value = as_float_array("value", value)
+    key = value if key is None else as_float_array("key", key)
+    batch_shape = check_attention_shapes(query, value, key)
+    query_mask = check_mask("query_mask", query_mask, batch_shape, query.shape[-2], "Tq")
+    value_mask = check_mask("value_mask", value_mask, batch_shape, value.shape[-2], "Tv")
+    return query, value, key, query_mask, value_mask

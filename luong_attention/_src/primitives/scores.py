@@ -12,14 +12,17 @@ softmax that follows must not run in half precision.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 PrecisionLike = jax.lax.Precision | str | None
+ScoreMode = Literal["dot", "concat"]
 
 # CPU flags of matrix units that multiply each half-precision type natively (x86: AMX and
 # AVX-512 extensions). Without them XLA:CPU converts the operands itself, and a bfloat16
@@ -221,3 +224,59 @@ def concat_scores(
     scores = jnp.sum(jnp.tanh(pre), axis=-1)
     weight = _scalar(concat_score_weight, out_dtype)
     return scores if weight is None else weight * scores
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["scale", "weight"], meta_fields=["mode"]
+)
+@dataclasses.dataclass(frozen=True)
+class ScoreParams:
+    """The score function of one call, as one value from the public functions to the kernels.
+
+    A pytree: ``mode`` is static, ``scale`` and ``weight`` are leaves (``None`` or scalars,
+    differentiable), so the value crosses ``jit``, ``shard_map`` and ``custom_vjp`` whole.
+
+    Attributes:
+      mode: ``"dot"`` or ``"concat"``.
+      scale: ``None`` (no scaling) or the scalar Keras calls ``scale``.
+      weight: ``concat_score_weight`` (``None``: 1.0); ``None`` for ``"dot"``.
+    """
+
+    mode: ScoreMode = "dot"
+    scale: ArrayLike | None = None
+    weight: ArrayLike | None = None
+
+    def scores(
+        self, query: jax.Array, key: jax.Array, precision: PrecisionLike = None
+    ) -> jax.Array:
+        """``[batch..., q_length, kv_length]`` scores of ``query`` against ``key``."""
+        if self.mode == "dot":
+            return dot_scores(query, key, scale=self.scale, precision=precision)
+        return concat_scores(query, key, scale=self.scale, concat_score_weight=self.weight)
+
+    def fold(
+        self, query: jax.Array, key: jax.Array, dtype: jnp.dtype
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The kernels' form: ``scale`` folded into the operands, the weight as an array.
+
+        ``scale`` multiplies the query (and the key for ``"concat"``, where it sits inside
+        the ``tanh`` of their sum) in ``dtype`` (float32 or wider), rounded back to the
+        operands' dtype: one rounding, as the inputs' own.
+
+        Args:
+          query: ``[..., q_length, depth]``; key: ``[..., kv_length, depth]``.
+          dtype: the statistics dtype (see :func:`stats_dtype`).
+
+        Returns:
+          ``(query, key, weight)``: ``weight`` is ``concat_score_weight`` (1 when ``None``)
+          for ``"concat"`` and an unused 0 for ``"dot"``, a ``dtype`` scalar.
+        """
+        if self.scale is not None:
+            scale = jnp.asarray(self.scale).astype(dtype)
+            query = (query.astype(dtype) * scale).astype(query.dtype)
+            if self.mode == "concat":
+                key = (key.astype(dtype) * scale).astype(key.dtype)
+        if self.mode != "concat":
+            return query, key, jnp.zeros((), dtype)
+        weight = 1.0 if self.weight is None else self.weight
+        return query, key, jnp.asarray(weight).astype(dtype)

@@ -1,0 +1,19 @@
+"""The kernels by name: the one place outside a kernel's module that knows it exists."""
+
+from __future__ import annotations
+
+from luong_attention._src.kernels import blocked
+from luong_attention._src.kernels.api import Kernel
+
+KERNELS: dict[str, Kernel] = {kernel.name: kernel for kernel in (blocked.KERNEL,)}
+
+
+def get_kernel(name: str = "blocked") -> Kernel:
+    """The kernel called ``name``.
+
+    Raises:
+      ValueError: for a name no kernel has.
+    """
+    if name not in KERNELS:
+        raise ValueError(f"kernel must be one of {sorted(KERNELS)}. Received: {name!r}")
+    return KERNELS[name]
