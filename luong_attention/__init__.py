@@ -47,20 +47,10 @@ __all__ = [
     "select_implementation",
 ]
 
-# Names that moved to luong_attention.parallel: still reachable here, with a warning.
-_MOVED = {
-    "from_zigzag",
-    "ring_score_work",
-    "select_strategy",
-    "sequence_parallel_attention",
-    "to_zigzag",
-    "zigzag_order",
-}
-
-
 def __getattr__(name: str):
     """Deprecated access to the names that moved to :mod:`luong_attention.parallel`."""
-    if name not in _MOVED:
+    parallel = importlib.import_module("luong_attention.parallel")
+    if name not in parallel.__all__:
         raise AttributeError(f"module 'luong_attention' has no attribute {name!r}")
     warnings.warn(
         f"luong_attention.{name} moved to luong_attention.parallel.{name}; "
@@ -68,4 +58,4 @@ def __getattr__(name: str):
         DeprecationWarning,
         stacklevel=2,
     )
-    return getattr(importlib.import_module("luong_attention.parallel"), name)
+    return getattr(parallel, name)
