@@ -99,22 +99,18 @@ class Attention(nnx.Module):
         *,
         rngs: DropoutRngs | None = None,
     ) -> jax.Array | tuple[jax.Array, jax.Array]:
-        """As the linen module's call; the dropout key comes from ``rngs``.
+        """Attends ``query`` over ``value``, as :meth:`luong_attention.Attention.__call__`.
 
         Args:
-          inputs: ``[query, value]`` or ``[query, value, key]`` with ``query
-            [batch..., Tq, dim]``, ``value [batch..., Tv, dim_v]``, ``key [batch..., Tv, dim]``.
-          mask: ``None`` or ``[query_mask [batch..., Tq], value_mask [batch..., Tv]]`` (a
-            third entry is ignored, as in Keras); entries may be ``None``.
-          training: apply dropout.
-          return_attention_scores: also return the weights ``[batch..., Tq, Tv]``.
-          use_causal_mask: top-left aligned causal mask, as Keras.
+          inputs, mask, training, return_attention_scores, use_causal_mask: as the linen
+            module's (``inputs`` is ``[query [batch..., Tq, dim], value [batch..., Tv,
+            dim_v]]`` with an optional ``key [batch..., Tv, dim]``).
           rngs: the dropout key (a key array, used as the linen module uses the key it draws
             from its ``"dropout"`` stream), or an ``nnx.Rngs``/``nnx.RngStream`` to draw it
             from; ``None``: draw from the constructor's ``rngs``.
 
         Returns:
-          ``output [batch..., Tq, dim_v]`` or ``(output, weights)``.
+          ``output [batch..., Tq, dim_v]`` or ``(output, weights [batch..., Tq, Tv])``.
         """
         return call_attention(
             CallSettings.of(self),
