@@ -47,6 +47,7 @@ __all__ = [
     "select_implementation",
 ]
 
+
 def __getattr__(name: str):
     """Deprecated access to the names that moved to :mod:`luong_attention.parallel`."""
     parallel = importlib.import_module("luong_attention.parallel")

@@ -394,3 +394,35 @@ def test_modules_reject_half_a_sequence_setup_and_weights():
     q = np.ones((1, 4, 3), np.float32)
     with pytest.raises(ValueError, match="cannot return them"):
         layer.init_with_output(jax.random.key(0), [q, q], return_attention_scores=True)
+
+
+@pytest.mark.parametrize("score_mode", ["dot", "concat"])
+def test_nnx_attention_sequence_parallel_equals_linen(score_mode):
+    """The nnx Attention over a mesh (the same call path as linen's): linen's numbers and
+    gradients, with and without the mesh; weights cannot be returned there."""
+    from flax import nnx
+
+    from luong_attention import nnx as lnnx
+
+    query, key, value = _inputs((2,), 12, 20, 5, 3, seed=9)
+    mask = np.random.default_rng(10).random((2, 20)) > 0.3
+    seq = {"mesh": _mesh(4), "sequence_axis": "sp"}
+    module = lnnx.Attention(use_scale=True, score_mode=score_mode, **seq)
+    linen = la.Attention(use_scale=True, score_mode=score_mode)
+    variables = linen.init(jax.random.key(0), [query, value, key])
+
+    def nnx_loss(module, query):
+        return jnp.sum(module([query, value, key], mask=[None, mask], use_causal_mask=True))
+
+    def linen_loss(variables, query):
+        out = linen.apply(variables, [query, value, key], mask=[None, mask], use_causal_mask=True)
+        return jnp.sum(out)
+
+    got = nnx.jit(nnx.value_and_grad(nnx_loss, argnums=(0, 1)))(module, query)
+    want = jax.jit(jax.value_and_grad(linen_loss, argnums=(0, 1)))(variables, query)
+    np.testing.assert_allclose(got[0], want[0], **TOL)
+    np.testing.assert_allclose(got[1][1], want[1][1], **TOL)
+    for name, grad in want[1][0]["params"].items():
+        np.testing.assert_allclose(got[1][0][name][...], grad, **TOL)
+    with pytest.raises(ValueError, match="cannot return them"):
+        module([query, value, key], return_attention_scores=True)

@@ -20,18 +20,23 @@ from luong_attention import Attention
 ROOT = Path(__file__).resolve().parents[2]
 # Tolerances against a float64 reference fed the same (rounded) half-precision inputs: the
 # softmax runs in float32, so the error is the final rounding of output and weights
-# (float16: 11-bit mantissa, bfloat16: 8-bit mantissa) on values of order 1.
+# (float16: 11-bit mantissa, bfloat16: 8-bit mantissa) on values of order 1. Half-precision
+# matmul operands round the weights once more for the value product (about twice the
+# output's error); both paths stay within a few tenths of these tolerances.
 HALF_TOL = {jnp.float16: 2e-3, jnp.bfloat16: 2e-2}
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16], ids=["f16", "bf16"])
 @pytest.mark.parametrize("score_mode", ["dot", "concat"])
-def test_half_inputs_keep_dtype_and_match_f32(dtype, score_mode):
-    """B2: half inputs with float32 params -> half output and weights, close to a reference."""
+@pytest.mark.parametrize("operands", ["float32", "half"])
+def test_half_inputs_keep_dtype_and_match_f32(dtype, score_mode, operands):
+    """B2: half inputs with float32 params -> half output and weights, close to a reference,
+    on each forced operand path (the default depends on the CPU's flags)."""
     query, value, key = random_inputs(30, (3,), 4, 6, 5, 2)
     query, value, key = (jnp.asarray(x, dtype) for x in (query, value, key))
     query_mask, value_mask = make_masks("both", 30, (3,), 4, 6)
-    layer = Attention(use_scale=True, score_mode=score_mode)
+    matmul_dtype = jnp.float32 if operands == "float32" else dtype
+    layer = Attention(use_scale=True, score_mode=score_mode, matmul_dtype=matmul_dtype)
     params = {"scale": jnp.float32(0.7)}
     if score_mode == "concat":
         params["concat_score_weight"] = jnp.float32(1.6)
@@ -77,7 +82,8 @@ def test_module_dtype_casts_inputs():
     assert out.dtype == w.dtype == jnp.bfloat16
 
 
-def test_f16_fully_masked_row_with_negative_scores_has_no_nan():
+@pytest.mark.parametrize("matmul_dtype", [jnp.float32, jnp.float16], ids=["f32-ops", "f16-ops"])
+def test_f16_fully_masked_row_with_negative_scores_has_no_nan(matmul_dtype):
     """B1: scores in [-30, -17] and a fully masked row: Keras's f16 ``- 65504`` fill gives
     -inf and NaN there; we apply the fill in float32, so the row is the mean of the values."""
     tv, dim = 6, 4
@@ -88,7 +94,14 @@ def test_f16_fully_masked_row_with_negative_scores_has_no_nan():
     scores = np.asarray(la.dot_scores(query, key))
     assert scores.min() >= -30 and scores.max() <= -17
     value_mask = np.array([[False] * tv, [True, False, True, True, False, True]])
-    out, w = la.attention(query, value, key, value_mask=value_mask, return_attention_scores=True)
+    out, w = la.attention(
+        query,
+        value,
+        key,
+        value_mask=value_mask,
+        return_attention_scores=True,
+        matmul_dtype=matmul_dtype,
+    )
     assert out.dtype == w.dtype == jnp.float16
     assert (
         np.isfinite(np.asarray(out, np.float32)).all()
@@ -102,11 +115,14 @@ def test_f16_fully_masked_row_with_negative_scores_has_no_nan():
     np.testing.assert_allclose(np.asarray(w, np.float32).sum(-1), 1.0, atol=2e-3)
 
 
-def test_bf16_long_rows_sum_to_one():
+@pytest.mark.parametrize("matmul_dtype", [jnp.float32, jnp.bfloat16], ids=["f32-ops", "bf16-ops"])
+def test_bf16_long_rows_sum_to_one(matmul_dtype):
     """B3: Tv=4096 in bfloat16: the float32 softmax keeps each row's sum within 1e-3 of 1."""
     query, value, key = random_inputs(33, (2,), 3, 4096, 8, 2)
     query, value, key = (jnp.asarray(x, jnp.bfloat16) for x in (query, value, key))
-    _, w = la.attention(query, value, key, scale=0.5, return_attention_scores=True)
+    _, w = la.attention(
+        query, value, key, scale=0.5, return_attention_scores=True, matmul_dtype=matmul_dtype
+    )
     assert w.dtype == jnp.bfloat16
     sums = np.asarray(w, np.float32).sum(-1)
     np.testing.assert_allclose(sums, 1.0, atol=1e-3)

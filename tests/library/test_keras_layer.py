@@ -37,9 +37,10 @@ def ours(keras):
     return Attention
 
 
-def built_pair(keras, ours, shapes, **config):
-    """``(our layer, plain keras layer)``, same config, built, with the same weights."""
-    layers = (ours(**config), keras.layers.Attention(**config))
+def built_pair(keras, ours, shapes, options=None, **config):
+    """``(our layer, plain keras layer)``, same config, built, with the same weights; our layer
+    also gets the constructor ``options`` the plain one lacks."""
+    layers = (ours(**config, **(options or {})), keras.layers.Attention(**config))
     weights = [SCALE] * config.get("use_scale", False)
     weights += [CONCAT_WEIGHT] * (config.get("score_mode") == "concat")
     for layer in layers:
@@ -195,12 +196,51 @@ def test_dropout_on_the_blocked_path(ours):
         assert abs(row_sums.mean() - 1.0) < 0.02 and row_sums.std() > 0.005
 
 
-def test_mixed_bfloat16(keras, ours):
+# bfloat16's unit roundoff: rounding to bfloat16 moves a value by at most 2**-8 of it.
+BF16_ROUNDOFF = 2.0**-8
+
+
+def bf16_error_bounds(query, value, key, weights, output, scale, *, operands, scale_folded):
+    """Bounds on ``|ours - exact|`` for the output and the weights of a ``mixed_bfloat16`` call
+    on bfloat16-exact inputs, per element; ``exact`` is the float64 ``(output, weights)``.
+
+    Float32 operands (and float32 scores and softmax): one rounding, of the result to
+    bfloat16, ``u |exact|`` with ``u = 2**-8`` (float32 arithmetic adds ~1e-7, within the
+    ``1e-6`` slack). Bfloat16 operands add roundings, propagated to first order:
+
+    * ``scale_folded`` (the blocked path): ``round(scale * query)`` moves each score by at most
+      ``d_ij = u |scale| sum_d |q_id| |k_jd|``; the softmax then moves each weight by a factor
+      within ``exp(+-2 D_i)``, ``D_i = max_j d_ij`` (first order ``2 D_i p_ij``), so
+      ``|dp_ij| <= (exp(2 D_i) - 1) p_ij``;
+    * the weights are rounded to bfloat16 for the value product: ``u p'_ij``;
+    * together, the output before its own rounding moves by at most
+      ``E_i = ((exp(2 D_i) - 1) + u exp(2 D_i)) sum_j p_ij |v_j|``, and that rounding adds
+      ``u (|o_i| + E_i)``. The returned weights (dense path, ``D = 0``) are rounded once.
+    """
+    slack = 1e-6
+    u, p = BF16_ROUNDOFF, weights
+    if operands == "float32":
+        return u * np.abs(output) + slack, u * np.abs(weights) + slack
+    if scale_folded:
+        moves = u * abs(scale) * np.einsum("bqd,bkd->bqk", np.abs(query), np.abs(key))
+        growth = np.exp(2.0 * moves.max(-1, keepdims=True))
+    else:
+        growth = np.ones((*p.shape[:-1], 1))
+    spread = np.einsum("bqk,bkv->bqv", p, np.abs(value))
+    moved = ((growth - 1.0) + u * growth) * spread
+    return u * np.abs(output) + (1.0 + u) * moved + slack, (growth - 1.0 + u * growth) * p + slack
+
+
+@pytest.mark.parametrize("matmul_dtype", ["float32", "bfloat16"])
+def test_mixed_bfloat16(keras, ours, matmul_dtype):
+    """``mixed_bfloat16`` on each forced operand path (the default depends on the CPU: see
+    ``resolve_matmul_dtype``), on the dense path (weights requested) and the blocked one."""
     query, value, key = random_inputs(41, (B,), TQ, TV, DIM, DIM_V)
     value_mask = np.random.default_rng(42).random((B, TV)) < 0.7
     arrays = [query, value, key, value_mask]
     shapes = [x.shape for x in arrays[:3]]
-    layers = built_pair(keras, ours, shapes, use_scale=True, dtype="mixed_bfloat16")
+    options = {"matmul_dtype": matmul_dtype}
+    layers = built_pair(keras, ours, shapes, options, use_scale=True, dtype="mixed_bfloat16")
     assert layers[0].scale.dtype == "float32"
     cotangent = np.ones((B, TQ, DIM_V))
     got, want = [], []
@@ -221,14 +261,26 @@ def test_mixed_bfloat16(keras, ours):
     # Keras's layer runs its scores and softmax in bfloat16: close to ours, not equal.
     assert_trees_close(got, want, rtol=5e-2, atol=5e-2)
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(got[2]))
-    # Ours runs them in float32: one bfloat16 rounding (2**-8 relative) from the exact
-    # result on the bfloat16 inputs and scale that autocasting hands the layer.
+    # Ours runs them in float32: against the exact result on the bfloat16 inputs and scale
+    # that autocasting hands the layer, within the bounds derived in bf16_error_bounds.
     rounded = [np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64) for x in arrays[:3]]
     scale = float(jnp.asarray(SCALE, jnp.bfloat16))
-    ref = reference_attention(*rounded, value_mask=value_mask, scale=scale)
-    for actual, exact in zip(got[:2], ref, strict=True):
-        error = np.abs(np.asarray(actual, np.float64) - exact)
-        assert (error <= 2**-8 * np.abs(exact) + 1e-6).all()
+    exact = reference_attention(*rounded, value_mask=value_mask, scale=scale)
+    blocked = ours(use_scale=True, dtype="mixed_bfloat16", implementation="blocked", **options)
+    blocked.build(shapes)
+    blocked.set_weights([np.float32(SCALE)])
+    dense, folded = (
+        bf16_error_bounds(*rounded, exact[1], exact[0], scale, operands=matmul_dtype,
+                          scale_folded=scale_folded)
+        for scale_folded in (False, True)
+    )  # fmt: skip
+    for name, actual, ref, bound in [
+        ("dense output", got[0], exact[0], dense[0]),
+        ("dense weights", got[1], exact[1], dense[1]),
+        ("blocked output", blocked(arrays[:3], mask=[None, value_mask]), exact[0], folded[0]),
+    ]:
+        error = np.abs(np.asarray(actual, np.float64) - ref)
+        assert (error <= bound).all(), (name, float((error / bound).max()))
 
 
 CONFIGS = [

@@ -1,8 +1,8 @@
 """Mixed precision: bfloat16/float16 inputs, low-precision matmul operands, float32 statistics.
 
-The accuracy contract, on both paths and both operand choices (the low-precision operands
-that GPUs, TPUs and AMX CPUs use, and the float32 operands picked on CPUs without matrix
-units for the dtype), against a float64 reference computed from the *rounded* inputs:
+The accuracy contract, on both paths and both operand choices, each forced with
+``matmul_dtype`` (the low-precision operands that GPUs, TPUs and AMX/AVX-512 BF16 CPUs use,
+and the float32 operands picked on CPUs without matrix units for the dtype), against a float64 reference computed from the *rounded* inputs:
 
 * nothing is NaN or inf, in the output or the gradients;
 * the output's rms error is at most twice that of an independent NumPy emulation of the
@@ -184,9 +184,10 @@ def test_accuracy_contract(keras, dtype_name, mode, kind, causal):
     keras_out, keras_grads = _keras(keras, q, k, v, g, mode, kind, causal, dtype_name)
     results = {}
     for implementation in ("xla", "blocked"):
-        for operands in (dtype, None):  # low precision forced; the machine's own choice
+        # Both operand paths forced: the default (None) depends on the CPU's flags.
+        for operands in (dtype, jnp.float32):
             out, grads = _ours(q, k, v, g, mode, kind, causal, implementation, operands)
-            label = f"{implementation}/{jnp.dtype(operands or jnp.float32).name}"
+            label = f"{implementation}/{jnp.dtype(operands).name}"
             for name, x in zip(("out", "dq", "dk", "dv"), (out, *grads), strict=True):
                 assert np.isfinite(x).all(), f"{label}: {name} is not finite"
             assert _rms(out - ref_out) <= 2.0 * _rms(emulated - ref_out), label
@@ -196,8 +197,8 @@ def test_accuracy_contract(keras, dtype_name, mode, kind, causal):
             ):
                 assert _max(ours_d - ref_d) <= _max(keras_d - ref_d), f"{label}: {name}"
             results[label] = out
-    for operands in (dtype, None):
-        name = jnp.dtype(operands or jnp.float32).name
+    for operands in (dtype, jnp.float32):
+        name = jnp.dtype(operands).name
         dense, blocked = results[f"xla/{name}"], results[f"blocked/{name}"]
         assert _max(dense - blocked) <= LOW_PRECISION_TOL[dtype_name] * _max(ref_out)
 
@@ -240,17 +241,28 @@ def test_low_precision_operands_reach_the_matmuls(dtype_name):
         assert all(line.split("->")[-1].strip().endswith("xf32>") for line in low), low
 
 
-def test_float32_operands_are_the_default_only_where_the_cpu_lacks_units():
-    """The automatic operand dtype: float32 inputs always multiply in float32; half inputs
-    multiply in their own dtype off the CPU or with the CPU's matrix-unit flags."""
+@pytest.mark.parametrize(
+    "flags",
+    [
+        frozenset({"avx2", "fma"}),
+        frozenset({"avx2", "avx512f", "avx512_bf16"}),
+        frozenset({"avx2", "amx_bf16", "amx_fp16"}),
+    ],
+    ids=["avx2", "avx512_bf16", "amx"],
+)
+def test_float32_operands_are_the_default_only_where_the_cpu_lacks_units(flags, monkeypatch):
+    """The automatic operand dtype, on each kind of CPU (its flags patched in): float32 inputs
+    always multiply in float32; half inputs multiply in their own dtype off the CPU or with
+    the CPU's matrix-unit flags for that dtype."""
     from luong_attention._src.primitives import scores
 
+    monkeypatch.setattr(scores, "_cpu_flags", lambda: flags)
     assert scores.resolve_matmul_dtype(jnp.float32) == jnp.float32
-    flags = scores._cpu_flags()
     for name, needed in scores._NATIVE_CPU_FLAGS.items():
         native = jax.default_backend() != "cpu" or bool(needed & flags)
         expected = jnp.dtype(name) if native else jnp.dtype(jnp.float32)
         assert scores.resolve_matmul_dtype(jnp.dtype(name)) == expected
+        assert scores.resolve_matmul_dtype(jnp.dtype(name), jnp.float32) == jnp.float32
     with pytest.raises(TypeError, match="matmul_dtype"):
         scores.resolve_matmul_dtype(jnp.float32, jnp.int8)
 

@@ -6,8 +6,8 @@ Only plain Python values and arrays cross this boundary (``layer.get_config()``,
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -20,10 +20,26 @@ _KERAS_BASE_CONFIG_KEYS = ("name", "trainable", "dtype")
 _ATTENTION_CONFIG_KEYS = ("use_scale", "score_mode", "dropout", "seed")
 
 
-def keras_config(module: Attention) -> dict[str, Any]:
+class AttentionFields(Protocol):
+    """What the Keras config is read from: the fields of the linen and the nnx ``Attention``."""
+
+    use_scale: bool
+    score_mode: str
+    dropout: float
+    seed: int | None
+    dtype: Any
+    param_dtype: Any
+
+
+M = TypeVar("M")
+
+
+def keras_config(module: AttentionFields) -> dict[str, Any]:
     """The ``keras.layers.Attention`` config of ``module`` (for ``Attention.from_config``).
 
-    ``implementation`` and ``precision`` are not part of it: they change speed, not numbers.
+    ``module`` is an :class:`Attention` or a :class:`luong_attention.nnx.Attention`.
+    ``implementation``, ``matmul_dtype``, ``precision`` and the sequence-parallel fields are
+    not part of it: they change speed and memory, not the model.
 
     Example usage::
 
@@ -38,8 +54,11 @@ def keras_config(module: Attention) -> dict[str, Any]:
     return config
 
 
-def from_keras_config(config: Mapping[str, Any]) -> Attention:
+def from_keras_config(config: Mapping[str, Any], module_type: Callable[..., M] = Attention) -> M:
     """Builds an :class:`Attention` from a ``keras.layers.Attention`` config.
+
+    ``module_type`` is the class to build: :class:`Attention` (linen) or
+    :class:`luong_attention.nnx.Attention` (give it dropout keys at the call then).
 
     Keras's base-layer keys ``name`` and ``trainable`` are ignored; ``dtype`` (a name or a
     Keras ``DTypePolicy`` dict) sets the computation dtype (``"mixed_bfloat16"``: bfloat16
@@ -60,10 +79,10 @@ def from_keras_config(config: Mapping[str, Any]) -> Attention:
     dtype = _keras_dtype(config.get("dtype"))
     if dtype is not None:
         kwargs["dtype"], kwargs["param_dtype"] = dtype
-    return Attention(**kwargs)
+    return module_type(**kwargs)
 
 
-def keras_weight_names(module: Attention) -> tuple[str, ...]:
+def keras_weight_names(module: AttentionFields) -> tuple[str, ...]:
     """The names of ``module``'s parameters in Keras's weight order (``layer.get_weights()``)."""
     used = {"scale": module.use_scale, "concat_score_weight": module.score_mode == "concat"}
     return tuple(name for name in _KERAS_WEIGHT_ORDER if used[name])

@@ -11,9 +11,11 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
+from jax.typing import DTypeLike
 
-from luong_attention._src.functional.attention import attention
-from luong_attention._src.primitives import checks
+from luong_attention._src.functional.attention import Implementation
+from luong_attention._src.modules.call import CallSettings, call_attention
+from luong_attention._src.primitives.scores import PrecisionLike
 
 # Keras's registry key is "<package>>Attention", distinct from Keras's own "Attention".
 _PACKAGE = "luong_attention"
@@ -40,6 +42,17 @@ class Attention(keras.layers.Attention):
       then drops exactly the weights Keras drops, the blocked path draws its own mask per tile;
     * bad shapes raise ``ValueError`` naming the argument instead of an XLA error.
 
+    Three constructor arguments of :func:`~luong_attention.attention` are added, keyword-only
+    and, as in the Flax module, not part of ``get_config()`` (so the config stays the plain
+    layer's, and ``from_config`` gives their defaults):
+
+    * ``implementation``: ``None`` (pick as above), ``"xla"`` or ``"blocked"``;
+    * ``matmul_dtype``: operand dtype of the two attention matmuls (``None``: the compute
+      dtype, or float32 for bfloat16/float16 on a CPU without matrix units for them);
+    * ``precision``: matmul precision of the ``"xla"`` path.
+
+    They are checked at construction (``ValueError``/``TypeError``).
+
     The class is registered as ``"luong_attention>Attention"``: a ``.keras`` file saved with
     it loads back once ``luong_attention.keras`` is imported. A model saved with the plain
     layer loads as it was saved (Keras resolves its own layers before ``custom_objects``);
@@ -55,6 +68,31 @@ class Attention(keras.layers.Attention):
       >>> tuple(output.shape), tuple(weights.shape), [w.path for w in layer.weights]
       ((2, 3, 4), (2, 3, 5), ['attention/scale'])
     """
+
+    def __init__(
+        self,
+        *args: Any,
+        implementation: Implementation | None = None,
+        matmul_dtype: DTypeLike | None = None,
+        precision: PrecisionLike = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.implementation = implementation
+        self.matmul_dtype = matmul_dtype
+        self.precision = precision
+        self._call_settings()  # checks them now, not at the first call
+
+    def _call_settings(self) -> CallSettings:
+        """This layer's :class:`CallSettings`: no cast (Keras autocasts the inputs) and no
+        seed (it seeds ``self.seed_generator``, which the key is drawn from)."""
+        return CallSettings(
+            score_mode=self.score_mode,
+            dropout=self.dropout,
+            precision=self.precision,
+            implementation=self.implementation,
+            matmul_dtype=self.matmul_dtype,
+        )
 
     def call(
         self,
@@ -87,26 +125,20 @@ class Attention(keras.layers.Attention):
                 use_causal_mask=use_causal_mask,
             )
         self._validate_inputs(inputs=inputs, mask=mask)  # Keras's checks and messages
-        query, value, key = checks.unpack_inputs(inputs)
-        query_mask, value_mask = checks.unpack_mask(mask)
-        rate = self.dropout if training else 0.0
-        return attention(
-            query,
-            value,
-            key,
-            query_mask=query_mask,
-            value_mask=value_mask,
+        return call_attention(
+            self._call_settings(),
+            inputs,
+            mask,
+            training=training,
+            return_attention_scores=return_attention_scores,
             use_causal_mask=use_causal_mask,
-            score_mode=self.score_mode,
             scale=None if self.scale is None else self.scale.value,
             concat_score_weight=(
                 None if self.concat_score_weight is None else self.concat_score_weight.value
             ),
-            dropout_rate=rate,
             # Keras's own dropout draws from this generator too (its state is a variable, so
-            # it advances inside a jitted ``fit`` step as well).
-            dropout_rng=self.seed_generator.next() if rate > 0.0 else None,
-            return_attention_scores=return_attention_scores,
+            # it advances inside a jitted ``fit`` step as well); Keras makes it for dropout only.
+            draw_dropout_rng=self.seed_generator.next if self.dropout > 0 else None,
         )
 
 

@@ -8,20 +8,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
-from jax.sharding import Mesh
 
-from luong_attention._src.functional.attention import Implementation, ScoreMode, attention
-from luong_attention._src.parallel.layout import Layout
-from luong_attention._src.parallel.sequence import (
-    Strategy,
-    check_sequence_fields,
-    sequence_parallel_attention,
-)
-from luong_attention._src.primitives import checks
+from luong_attention._src.functional.attention import Implementation, ScoreMode
+from luong_attention._src.modules.call import CallSettings, call_attention
+from luong_attention._src.modules.linen_sequence import SequenceParallelFields
 from luong_attention._src.primitives.scores import PrecisionLike
 
 
-class Attention(nn.Module):
+class Attention(SequenceParallelFields):
     """Dot-product (Luong-style) attention, a drop-in for ``keras.layers.Attention``.
 
     Parameters are named, shaped and initialised as Keras's weights, and exist only when used:
@@ -47,12 +41,12 @@ class Attention(nn.Module):
       matmul_dtype: operand dtype of the attention matmuls (``None``: ``dtype``'s, or
         float32 for bfloat16/float16 on a CPU without matrix units for them); see
         :func:`attention`. Not part of the Keras config either.
-      mesh, sequence_axis: run sequence parallel over ``mesh``'s axis ``sequence_axis`` with
-        :func:`sequence_parallel_attention` (both or neither; the call must then be inside
-        ``jax.jit`` or eager with inputs on that mesh). No dropout and no returned weights
-        there (``ValueError``); ``matmul_dtype`` is not used there.
-      batch_axis, sequence_strategy, sequence_layout: passed on to
-        :func:`sequence_parallel_attention` as ``batch_axis``, ``strategy`` and ``layout``.
+      mesh, sequence_axis, batch_axis, sequence_strategy, sequence_layout (keyword-only):
+        run :func:`sequence_parallel_attention` over ``mesh``'s axis ``sequence_axis`` (both
+        or neither; the call must then be inside ``jax.jit`` or eager with inputs on that
+        mesh), passing on the last three as ``batch_axis``, ``strategy`` and ``layout``. No
+        dropout and no returned weights there (``ValueError``); ``matmul_dtype`` is not
+        used there.
 
     Example usage::
 
@@ -75,17 +69,9 @@ class Attention(nn.Module):
     precision: PrecisionLike = None
     implementation: Implementation | None = None
     matmul_dtype: Dtype | None = None
-    mesh: Mesh | None = None
-    sequence_axis: str | None = None
-    batch_axis: str | None = None
-    sequence_strategy: Strategy | None = None
-    sequence_layout: Layout = "contiguous"
 
     def __post_init__(self) -> None:
-        check_sequence_fields(self.mesh, self.sequence_axis)
-        checks.check_score_mode(self.score_mode)
-        checks.check_implementation(self.implementation)
-        checks.check_rate("dropout", self.dropout)
+        CallSettings.of(self)  # checks the fields
         super().__post_init__()
 
     @nn.compact
@@ -111,8 +97,6 @@ class Attention(nn.Module):
         Returns:
           ``output [batch..., Tq, dim_v]`` or ``(output, weights)``.
         """
-        query, value, key = checks.unpack_inputs(inputs)
-        query_mask, value_mask = checks.unpack_mask(mask)
         scale = (
             self.param("scale", nn.initializers.ones, (), self.param_dtype)
             if self.use_scale
@@ -123,55 +107,23 @@ class Attention(nn.Module):
             if self.score_mode == "concat"
             else None
         )
-        if self.dtype is not None:
-            query, value, key = (
-                None if x is None else jnp.asarray(x, self.dtype) for x in (query, value, key)
-            )
-        rate = self.dropout if training else 0.0
-        common = {
-            "query_mask": query_mask,
-            "value_mask": value_mask,
-            "use_causal_mask": use_causal_mask,
-            "score_mode": self.score_mode,
-            "scale": scale,
-            "concat_score_weight": concat_score_weight,
-            "dropout_rate": rate,
-        }
-        if self.sequence_axis is not None:
-            if return_attention_scores:
-                raise ValueError(
-                    "Attention(sequence_axis=...) never builds the [Tq, Tv] weights, so it "
-                    "cannot return them: call it with return_attention_scores=False."
-                )
-            return sequence_parallel_attention(
-                query,
-                value,
-                key,
-                mesh=self.mesh,
-                axis_name=self.sequence_axis,
-                batch_axis=self.batch_axis,
-                strategy=self.sequence_strategy,
-                layout=self.sequence_layout,
-                **common,
-            )
-        return attention(
-            query,
-            value,
-            key,
-            dropout_rng=self._dropout_rng() if rate > 0.0 else None,
+        return call_attention(
+            CallSettings.of(self),
+            inputs,
+            mask,
+            training=training,
             return_attention_scores=return_attention_scores,
-            precision=self.precision,
-            implementation=self.implementation,
-            matmul_dtype=self.matmul_dtype,
-            **common,
+            use_causal_mask=use_causal_mask,
+            scale=scale,
+            concat_score_weight=concat_score_weight,
+            draw_dropout_rng=self._dropout_rng,
         )
 
     def _dropout_rng(self) -> jax.Array:
-        """Draws the dropout key from the ``"dropout"`` stream, folding in ``seed``."""
+        """Draws the dropout key from the ``"dropout"`` stream (``seed`` is folded in later)."""
         if not self.has_rng("dropout"):
             raise ValueError(
                 f"Attention(dropout={self.dropout}) called with training=True needs the "
                 "'dropout' rng stream: pass rngs={'dropout': jax.random.key(...)} to apply()."
             )
-        rng = self.make_rng("dropout")
-        return rng if self.seed is None else jax.random.fold_in(rng, self.seed)
+        return self.make_rng("dropout")

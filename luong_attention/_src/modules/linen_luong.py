@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, Initializer
-from jax.sharding import Mesh
 
 from luong_attention._src.functional.luong import (
     LuongMode,
@@ -32,14 +31,14 @@ from luong_attention._src.functional.luong_cell import (
     init_decoder_state,
     luong_param_shapes,
 )
-from luong_attention._src.parallel.layout import Layout
+from luong_attention._src.modules.call import check_sequence_fields
+from luong_attention._src.modules.linen_sequence import SequenceParallelFields
 from luong_attention._src.parallel.luong import luong_sequence_parallel
-from luong_attention._src.parallel.sequence import Strategy, check_sequence_fields
 from luong_attention._src.primitives import checks
 from luong_attention._src.primitives.scores import PrecisionLike
 
 
-class LuongAttention(nn.Module):
+class LuongAttention(SequenceParallelFields):
     """Luong et al. (2015) attention: the four scores, global/local-m/local-p.
 
     Attributes:
@@ -57,7 +56,7 @@ class LuongAttention(nn.Module):
       param_dtype: dtype of the parameters.
       precision: matmul precision.
       kernel_init: initializer of the matrices ``w_a``/``w_p``; vector_init: of ``v_a``/``v_p``.
-      mesh, sequence_axis: global ``"dot"``/``"general"`` attention of a query sequence,
+      mesh, sequence_axis (keyword-only): global ``"dot"``/``"general"`` attention of a query sequence,
         sequence parallel over ``mesh``'s axis ``sequence_axis``
         (:func:`luong_sequence_parallel`); the call then returns ``(context, None)``: the
         alignment ``[Tq, Tv]`` is never built. batch_axis, sequence_strategy,
@@ -86,11 +85,6 @@ class LuongAttention(nn.Module):
     precision: PrecisionLike = None
     kernel_init: Initializer = default_kernel_init
     vector_init: Initializer = default_vector_init
-    mesh: Mesh | None = None
-    sequence_axis: str | None = None
-    batch_axis: str | None = None
-    sequence_strategy: Strategy | None = None
-    sequence_layout: Layout = "contiguous"
 
     def __post_init__(self) -> None:
         check_luong_config(self.score, self.mode, self.window, use_scale=self.use_scale)

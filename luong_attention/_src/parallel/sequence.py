@@ -59,21 +59,6 @@ class Split(NamedTuple):
     strategy: Strategy
 
 
-def check_sequence_fields(mesh: Mesh | None, sequence_axis: str | None) -> None:
-    """Raises ``ValueError`` unless a module got both ``mesh`` and ``sequence_axis`` or neither."""
-    if (mesh is None) != (sequence_axis is None):
-        raise ValueError(
-            "Sequence parallelism needs both mesh and sequence_axis (the mesh axis to split "
-            f"the sequence over), or neither. Received: mesh={mesh!r}, "
-            f"sequence_axis={sequence_axis!r}"
-        )
-    if mesh is not None and sequence_axis not in mesh.axis_names:
-        raise ValueError(
-            f"sequence_axis must be one of the mesh's axes {mesh.axis_names}. "
-            f"Received: sequence_axis={sequence_axis!r}"
-        )
-
-
 def select_strategy(q_length: int, kv_length: int, devices: int) -> Strategy:
     """The strategy :func:`sequence_parallel_attention` uses when given ``strategy=None``.
 
