@@ -34,7 +34,16 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from luong_attention._src.functional.luong_local import (
+    gaussian_weights,
+    length_mask,
+    monotonic_positions,
+    predictive_positions,
+    source_lengths_of,
+    window_mask,
+)
 from luong_attention._src.primitives import checks
+from luong_attention._src.primitives.checks import check_param
 from luong_attention._src.primitives.masks import as_bool_mask, mask_scores
 from luong_attention._src.primitives.scores import (
     PrecisionLike,
@@ -101,25 +110,6 @@ def check_max_length(score: str, max_length: int | None) -> None:
         )
 
 
-def _check_param(
-    name: str, param: ArrayLike | None, shape: tuple[int | None, ...], why: str
-) -> int | None:
-    """Raises unless ``param`` is given with ``shape`` (``None`` entries match any size).
-
-    Returns the size of the last dim (convenient for ``units``).
-    """
-    seen = None if param is None else jnp.shape(param)
-    fits = seen is not None and len(seen) == len(shape)
-    fits = fits and all(want in (None, got) for want, got in zip(shape, seen, strict=True))
-    if not fits:
-        expected = tuple("any" if d is None else d for d in shape)
-        raise ValueError(
-            f"{why} needs {name} of shape {expected}. Received: "
-            f"{name}={'None' if seen is None else f'array of shape {seen}'}"
-        )
-    return seen[-1] if seen else None
-
-
 def _check_query_memory(query: jax.Array, memory: jax.Array) -> tuple[int, ...]:
     """Checks ranks and batch dims of query and memory; returns the broadcast batch shape."""
     for name, x in (("query", query), ("memory", memory)):
@@ -180,7 +170,7 @@ def general_scores(
     Returns:
       ``[batch..., q_length, kv_length]`` in ``stats_dtype`` of the inputs.
     """
-    _check_param("w_a", w_a, (memory.shape[-1], query.shape[-1]), "score='general'")
+    check_param("w_a", w_a, (memory.shape[-1], query.shape[-1]), "score='general'")
     projected = jnp.einsum("...qd,md->...qm", query, w_a, precision=precision)
     return dot_scores(projected, memory, scale=scale, precision=precision)
 
@@ -209,8 +199,8 @@ def luong_concat_scores(
       ``[batch..., q_length, kv_length]`` in ``stats_dtype`` of the inputs.
     """
     depth_q, depth_m = query.shape[-1], memory.shape[-1]
-    units = _check_param("w_a", w_a, (depth_q + depth_m, None), "score='concat'")
-    _check_param("v_a", v_a, (units,), "score='concat' [units]")
+    units = check_param("w_a", w_a, (depth_q + depth_m, None), "score='concat'")
+    check_param("v_a", v_a, (units,), "score='concat' [units]")
     out = stats_dtype(jnp.result_type(query, memory, w_a, v_a))
     w_a = jnp.asarray(w_a)
     q = jnp.einsum("...qd,du->...qu", query, w_a[:depth_q], precision=precision)
@@ -237,7 +227,7 @@ def location_scores(
     Returns:
       ``[batch..., q_length, kv_length]`` in ``stats_dtype`` of the inputs.
     """
-    max_length = _check_param("w_a", w_a, (query.shape[-1], None), "score='location'")
+    max_length = check_param("w_a", w_a, (query.shape[-1], None), "score='location'")
     if kv_length > max_length:
         raise ValueError(
             f"score='location' scores at most max_length={max_length} source positions. "
@@ -285,109 +275,6 @@ def luong_scores(
     if score == "concat":
         return luong_concat_scores(query, memory, w_a, v_a, precision=precision)
     return location_scores(query, w_a, memory.shape[-2], precision=precision)
-
-
-# -- source lengths and local windows ------------------------------------------------------
-
-
-def source_lengths_of(
-    memory_mask: jax.Array | None, source_lengths: ArrayLike | None, kv_length: int
-) -> jax.Array:
-    """Source length ``S`` per example: ``source_lengths``, else the mask's count, else Tv.
-
-    Args:
-      memory_mask: bool ``[batch..., kv_length]`` or ``None``.
-      source_lengths: int ``[batch...]`` or ``None``.
-      kv_length: Tv.
-
-    Returns:
-      int32 ``[batch...]`` (``[]`` when neither is given).
-    """
-    if source_lengths is not None:
-        return jnp.asarray(source_lengths, jnp.int32)
-    if memory_mask is not None:
-        return jnp.sum(memory_mask, axis=-1, dtype=jnp.int32)
-    return jnp.asarray(kv_length, jnp.int32)
-
-
-def length_mask(source_lengths: ArrayLike, kv_length: int) -> jax.Array:
-    """bool ``[batch..., kv_length]``: position ``s`` is kept iff ``s < source_lengths``."""
-    return jnp.arange(kv_length) < jnp.asarray(source_lengths)[..., None]
-
-
-def monotonic_positions(steps: ArrayLike, source_lengths: ArrayLike) -> jax.Array:
-    """local-m centres ``p_t = t``, clipped to the last source position ``S - 1``.
-
-    Clipping keeps the window non-empty when the target runs longer than the source.
-
-    Args:
-      steps: int decoder steps ``[batch..., q_length]``.
-      source_lengths: int ``[batch...]``.
-
-    Returns:
-      float32 ``[batch..., q_length]``.
-    """
-    last = jnp.maximum(jnp.asarray(source_lengths) - 1, 0)[..., None]
-    return jnp.minimum(jnp.asarray(steps), last).astype(jnp.float32)
-
-
-def predictive_positions(
-    query: jax.Array,
-    w_p: ArrayLike,
-    v_p: ArrayLike,
-    source_lengths: ArrayLike,
-    *,
-    precision: PrecisionLike = None,
-) -> jax.Array:
-    """local-p centres ``p_t = S * sigmoid(v_p^T tanh(W_p h_t))``, in ``[0, S]``.
-
-    Args:
-      query: ``[batch..., q_length, query_depth]``.
-      w_p: ``[query_depth, units]``; v_p: ``[units]``.
-      source_lengths: ``S``, int ``[batch...]``.
-      precision: matmul precision.
-
-    Returns:
-      ``[batch..., q_length]`` in ``stats_dtype`` of the query (differentiable).
-    """
-    units = _check_param("w_p", w_p, (query.shape[-1], None), "mode='local-p'")
-    _check_param("v_p", v_p, (units,), "mode='local-p'")
-    out = stats_dtype(jnp.result_type(query, w_p, v_p))
-    hidden = jnp.tanh(
-        jnp.einsum("...qd,du->...qu", query, w_p, precision=precision, preferred_element_type=out)
-    )
-    logits = jnp.einsum("...qu,u->...q", hidden, jnp.asarray(v_p, out), precision=precision)
-    lengths = jnp.asarray(source_lengths, out)[..., None]
-    return lengths * jax.nn.sigmoid(logits)
-
-
-def window_mask(positions: jax.Array, kv_length: int, window: int) -> jax.Array:
-    """bool ``[batch..., q_length, kv_length]``: source ``s`` is in ``[p_t - D, p_t + D]``.
-
-    Args:
-      positions: window centres ``p_t``, ``[batch..., q_length]`` (int or float).
-      kv_length: Tv.
-      window: the half-width ``D >= 0``.
-    """
-    offsets = jnp.arange(kv_length) - positions[..., None]
-    return jnp.abs(offsets) <= window
-
-
-def gaussian_weights(positions: jax.Array, kv_length: int, window: int) -> jax.Array:
-    """local-p's factor ``exp(-(s - p_t)^2 / (2 sigma^2))`` with ``sigma = D / 2``.
-
-    Args:
-      positions: ``[batch..., q_length]``, float; kv_length: Tv; window: ``D >= 1``.
-
-    Returns:
-      ``[batch..., q_length, kv_length]`` in ``positions``' dtype.
-    """
-    sigma = window / 2.0
-    offsets = jnp.arange(kv_length, dtype=positions.dtype) - positions[..., None]
-    return jnp.exp(-jnp.square(offsets) / (2.0 * sigma * sigma))
-
-
-# -- the attention ---------------------------------------------------------------------------
 
 
 def luong_attend(
@@ -483,7 +370,7 @@ def attentional_hidden_state(
     Returns:
       ``[batch..., features]`` in the promoted dtype of the inputs.
     """
-    _check_param(
+    check_param(
         "w_c", w_c, (context.shape[-1] + hidden.shape[-1], None), "the attentional hidden state"
     )
     dtype = jnp.result_type(context, hidden)

@@ -218,3 +218,20 @@ def validate_attention_args(
     query_mask = check_mask("query_mask", query_mask, batch_shape, query.shape[-2], "Tq")
     value_mask = check_mask("value_mask", value_mask, batch_shape, value.shape[-2], "Tv")
     return query, value, key, query_mask, value_mask
+
+
+def check_param(name: str, param: Any, shape: tuple[int | None, ...], why: str) -> int | None:
+    """Raises unless ``param`` is given with ``shape`` (``None`` entries match any size).
+
+    Returns the size of the last dim (convenient for ``units``).
+    """
+    seen = None if param is None else jnp.shape(param)
+    fits = seen is not None and len(seen) == len(shape)
+    fits = fits and all(want in (None, got) for want, got in zip(shape, seen, strict=True))
+    if not fits:
+        expected = tuple("any" if d is None else d for d in shape)
+        raise ValueError(
+            f"{why} needs {name} of shape {expected}. Received: "
+            f"{name}={'None' if seen is None else f'array of shape {seen}'}"
+        )
+    return seen[-1] if seen else None
