@@ -1,7 +1,7 @@
 """Every Python example in the README and in the documentation pages (docs/) runs as written.
 
 One exception, by design: the multi-host example (docs/multi-device.md) needs two cooperating
-processes; the same code runs in ``tests/library/multihost_worker.py`` (two processes,
+processes; the same code runs in ``tests/library/parallel/multihost_worker.py`` (two processes,
 ``test_parallel.py``). Pages that include README sections (``--8<-- "README.md:tour"``) get
 those examples tested once, from the README.
 """

@@ -1,4 +1,4 @@
-"""Helpers shared by the tests/library/test_luong_*.py files."""
+"""Helpers shared by the tests/library/functional/test_luong_*.py files."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ import pytest
 import luong_attention as la
 from luong_attention import parallel as lap
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 HERE = Path(__file__).resolve().parent
 
 TIMEOUT_S = 420
@@ -42,7 +42,7 @@ def _report(what: str, output: str) -> str:
 
 
 def test_multidevice_cases_on_eight_host_devices():
-    """Runs tests/library/multidevice_cases.py (data and sequence parallel) on 8 host devices."""
+    """Runs tests/library/parallel/multidevice_cases.py (data and sequence parallel) on 8 host devices."""
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
     command.append(str(HERE / "multidevice_cases.py"))
     try:

@@ -1,6 +1,6 @@
-"""One process of the two-process ``jax.distributed`` run in tests/library/test_parallel.py.
+"""One process of the two-process ``jax.distributed`` run in tests/library/parallel/test_parallel.py.
 
-Usage: ``python tests/library/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR``, with
+Usage: ``python tests/library/parallel/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR``, with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` and ``JAX_PLATFORMS=cpu`` set by the
 parent. Every process builds the same inputs from a seed, joins the others over 127.0.0.1 (CPU
 collectives via gloo), runs sequence-parallel attention (both strategies) and its gradients on a mesh

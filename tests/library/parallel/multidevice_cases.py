@@ -1,4 +1,4 @@
-"""Cases that need 8 host devices; run by tests/library/test_parallel.py in a child pytest.
+"""Cases that need 8 host devices; run by tests/library/parallel/test_parallel.py in a child pytest.
 
 Not collected on its own (the name does not start with ``test_``): the parent sets
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` before JAX starts, so the rest of the

@@ -17,7 +17,7 @@ from helpers.reference import make_masks, random_inputs, reference_attention
 import luong_attention as la
 from luong_attention import Attention
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 # Tolerances against a float64 reference fed the same (rounded) half-precision inputs: the
 # softmax runs in float32, so the error is the final rounding of output and weights
 # (float16: 11-bit mantissa, bfloat16: 8-bit mantissa) on values of order 1. Half-precision
