@@ -83,7 +83,7 @@ def _ring(score_mode, causal, devices, parts, query, key, value, value_mask, cot
 
     grad = jax.grad(local, argnums=(0, 1, 2, 3, 4), has_aux=True)
     in_axes = (0, 0, 0, None, None, 0, 0)
-    (dq, dk, dv, dscale, dweight), out = jax.vmap(grad, in_axes, axis_name=AXIS)(
+    (dq, dk, dv, dscale, dweight), out = jax.jit(jax.vmap(grad, in_axes, axis_name=AXIS))(
         *shards[:3], jnp.float32(SCALE), jnp.float32(WEIGHT), *shards[3:]
     )
     joined = (_join(x, devices, parts, t) for x, t in ((out, q_length), (dq, q_length)))
@@ -109,7 +109,7 @@ def _replicated(score_mode, causal, devices, query, key, value, value_mask, cota
 
     grad = jax.grad(local, argnums=(0, 1, 2, 3, 4), has_aux=True)
     in_axes = (None, 0, 0, None, None, 0)
-    (dq, dk, dv, dscale, dweight), out = jax.vmap(grad, in_axes, axis_name=AXIS)(
+    (dq, dk, dv, dscale, dweight), out = jax.jit(jax.vmap(grad, in_axes, axis_name=AXIS))(
         query, key, value, jnp.float32(SCALE), jnp.float32(WEIGHT), mask
     )
     for device_out in out[1:]:
