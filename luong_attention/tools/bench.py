@@ -463,10 +463,17 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     if not grid:
         return []
     panels = sorted({(r["mode"], r["kind"]) for r in grid})
+    # Two panels a row and one legend above them: readable at a documentation page's width.
+    columns = min(2, len(panels))
+    grid_rows = -(-len(panels) // columns)
     paths = []
     for metric, label in (("time_s", "median time [s]"), ("memory", "peak RSS growth [MiB]")):
-        fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), squeeze=False)
-        for ax, (mode, kind) in zip(axes[0], panels, strict=True):
+        fig, axes = plt.subplots(
+            grid_rows, columns, figsize=(4.4 * columns, 3.2 * grid_rows), squeeze=False
+        )
+        for ax in axes.flat[len(panels) :]:
+            ax.set_axis_off()
+        for ax, (mode, kind) in zip(axes.flat, panels, strict=False):
             table = [r for r in grid if (r["mode"], r["kind"]) == (mode, kind)]
             for impl in IMPLS:
                 points = [
@@ -481,14 +488,27 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_ylabel(label)
             ax.grid(True, which="both", alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-        fig.tight_layout()
+        _legend_above(fig, axes)
         path = out / f"bench_{'time' if metric == 'time_s' else 'memory'}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _legend_above(fig: Any, axes: Any) -> None:
+    """One legend for all panels, above them, three entries a panel's width; the figure
+    grows by the legend's height."""
+    legend = {
+        text: handle
+        for ax in axes.flat
+        for handle, text in zip(*ax.get_legend_handles_labels(), strict=True)
+    }
+    columns = 3 * axes.shape[1]
+    top = 0.3 * -(-len(legend) // columns) + 0.2  # inches: the legend's rows and a margin
+    fig.set_figheight(fig.get_figheight() + top)
+    fig.legend(legend.values(), legend.keys(), loc="upper center", ncol=columns)
+    fig.tight_layout(rect=(0, 0, 1, 1 - top / fig.get_figheight()))
 
 
 def _metric_value(row: dict[str, Any], metric: str, impl: str) -> float | None:

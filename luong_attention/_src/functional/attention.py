@@ -48,7 +48,8 @@ def compute_scores(
     """Dispatches to :func:`dot_scores` or :func:`concat_scores`.
 
     Args:
-      query: ``[batch..., q_length, depth]``; key: ``[batch..., kv_length, depth]``.
+      query: ``[batch..., q_length, depth]``.
+      key: ``[batch..., kv_length, depth]``.
 
     Returns:
       ``[batch..., q_length, kv_length]`` in float32 (or wider).
@@ -180,7 +181,7 @@ def attention(
       ``output [batch..., q_length, value_depth]``, or ``(output, weights)`` with
       ``weights [batch..., q_length, kv_length]``; both in the inputs' dtype.
 
-    .. note::
+    Note:
       A fully masked row gets the mean of the values (Keras's ``-1e9`` fill), finite in the
       output and in every gradient. Scores and softmax run in float32 even for float16 and
       bfloat16 inputs, so half-precision inputs never overflow in the mask.

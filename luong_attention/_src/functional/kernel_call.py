@@ -171,16 +171,22 @@ def blocked_attention_with_lse(
     ``kv_offset + j <= q_offset + i``.
 
     Args:
-      query: ``[batch..., Tq, depth]``; value: ``[batch..., Tv, dim_v]``;
+      query: ``[batch..., Tq, depth]``.
+      value: ``[batch..., Tv, dim_v]``.
       key: ``[batch..., Tv, depth]`` (``None``: ``value``).
       value_mask: ``[batch..., Tv]`` or ``None``; masked scores are ``score - 1e9``, so a
         row with no visible key is a near-uniform softmax over all ``Tv`` keys (as Keras).
       use_causal_mask: causal mask on the global positions (see above).
-      q_offset, kv_offset: global position of the first query / key (int, may be traced).
-      score_mode, scale, concat_score_weight, dropout_rate, dropout_rng: as in
-        :func:`attention`; dropout tile ``(i, j)`` uses ``fold_in(dropout_rng, i * n_kv + j)``.
-      block_q, block_kv: tile sizes (``None``: the kernel's defaults, balanced over the
-        lengths).
+      q_offset: global position of the first query (int, may be traced).
+      kv_offset: global position of the first key (int, may be traced).
+      score_mode: as in :func:`attention`.
+      scale: as in :func:`attention`.
+      concat_score_weight: as in :func:`attention`.
+      dropout_rate: as in :func:`attention`.
+      dropout_rng: as in :func:`attention`; dropout tile ``(i, j)`` uses
+        ``fold_in(dropout_rng, i * n_kv + j)``.
+      block_q: query tile size (``None``: the kernel's default, balanced over the lengths).
+      block_kv: key tile size (``None``: the kernel's default, balanced over the lengths).
       matmul_dtype: the matmuls' operand dtype, as in :func:`attention`.
 
     Returns:

@@ -253,11 +253,13 @@ def luong_scores(
     """Dispatches to the paper's score functions (see the module docstring).
 
     Args:
-      query: ``[batch..., q_length, query_depth]``; memory: ``[batch..., kv_length,
-        memory_depth]`` (for ``"dot"`` the two depths must be equal).
+      query: ``[batch..., q_length, query_depth]``.
+      memory: ``[batch..., kv_length, memory_depth]`` (for ``"dot"`` the two depths must be
+        equal).
       score: ``"dot"``, ``"general"``, ``"concat"`` or ``"location"``.
-      w_a, v_a: the score's parameters (see :func:`general_scores`,
-        :func:`luong_concat_scores`, :func:`location_scores`).
+      w_a: the score's matrix (see :func:`general_scores`, :func:`luong_concat_scores`,
+        :func:`location_scores`).
+      v_a: the ``"concat"`` score's vector (see :func:`luong_concat_scores`).
       scale: optional scalar for ``"dot"`` and ``"general"``.
 
     Returns:
@@ -307,8 +309,11 @@ def luong_attend(
         default ``arange(q_length)``. Centres are clipped to ``S - 1``.
       source_lengths: ``S`` per example, int ``[batch...]``; masks positions ``>= S`` too.
         Default: the number of kept entries of ``memory_mask`` (right padding), else Tv.
-      w_a, v_a, scale: score parameters (see :func:`luong_scores`).
-      w_p, v_p: local-p parameters, ``[query_depth, units]`` and ``[units]``.
+      w_a: the score's matrix (see :func:`luong_scores`).
+      v_a: the ``"concat"`` score's vector (see :func:`luong_scores`).
+      scale: optional scalar for ``"dot"`` and ``"general"`` (see :func:`luong_scores`).
+      w_p: local-p's matrix, ``[query_depth, units]``.
+      v_p: local-p's vector, ``[units]``.
       precision: matmul precision.
 
     Returns:

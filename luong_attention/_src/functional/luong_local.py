@@ -70,7 +70,8 @@ def predictive_positions(
 
     Args:
       query: ``[batch..., q_length, query_depth]``.
-      w_p: ``[query_depth, units]``; v_p: ``[units]``.
+      w_p: ``[query_depth, units]``.
+      v_p: ``[units]``.
       source_lengths: ``S``, int ``[batch...]``.
       precision: matmul precision.
 
@@ -104,7 +105,9 @@ def gaussian_weights(positions: jax.Array, kv_length: int, window: int) -> jax.A
     """local-p's factor ``exp(-(s - p_t)^2 / (2 sigma^2))`` with ``sigma = D / 2``.
 
     Args:
-      positions: ``[batch..., q_length]``, float; kv_length: Tv; window: ``D >= 1``.
+      positions: ``[batch..., q_length]``, float.
+      kv_length: Tv.
+      window: ``D >= 1``.
 
     Returns:
       ``[batch..., q_length, kv_length]`` in ``positions``' dtype.

@@ -41,12 +41,17 @@ class Attention(SequenceParallelFields):
       matmul_dtype: operand dtype of the attention matmuls (``None``: ``dtype``'s, or
         float32 for bfloat16/float16 on a CPU without matrix units for them); see
         :func:`attention`. Not part of the Keras config either.
-      mesh, sequence_axis, batch_axis, sequence_strategy, sequence_layout (keyword-only):
-        run :func:`sequence_parallel_attention` over ``mesh``'s axis ``sequence_axis`` (both
-        or neither; the call must then be inside ``jax.jit`` or eager with inputs on that
-        mesh), passing on the last three as ``batch_axis``, ``strategy`` and ``layout``. No
-        dropout and no returned weights there (``ValueError``); ``matmul_dtype`` is not
-        used there.
+      mesh: keyword-only, as the four below. With ``sequence_axis``, run
+        :func:`sequence_parallel_attention` over this mesh (both or neither; the call must
+        then be inside ``jax.jit`` or eager with inputs on that mesh). No dropout and no
+        returned weights there (``ValueError``); ``matmul_dtype`` is not used there.
+      sequence_axis: the axis of ``mesh`` to split the sequences over.
+      batch_axis: an optional second mesh axis to split the first batch dim over
+        (``batch_axis`` of :func:`sequence_parallel_attention`).
+      sequence_strategy: ``"ring"``, ``"replicated"`` or ``None`` (pick by the lengths);
+        ``strategy`` of :func:`sequence_parallel_attention`.
+      sequence_layout: ``"contiguous"`` or ``"zigzag"`` (ring only); ``layout`` of
+        :func:`sequence_parallel_attention`.
 
     Example usage::
 

@@ -55,12 +55,16 @@ class LuongAttention(SequenceParallelFields):
         softmax runs in float32 or wider.
       param_dtype: dtype of the parameters.
       precision: matmul precision.
-      kernel_init: initializer of the matrices ``w_a``/``w_p``; vector_init: of ``v_a``/``v_p``.
-      mesh, sequence_axis (keyword-only): global ``"dot"``/``"general"`` attention of a query sequence,
-        sequence parallel over ``mesh``'s axis ``sequence_axis``
-        (:func:`luong_sequence_parallel`); the call then returns ``(context, None)``: the
-        alignment ``[Tq, Tv]`` is never built. batch_axis, sequence_strategy,
-        sequence_layout: passed on as ``batch_axis``, ``strategy`` and ``layout``.
+      kernel_init: initializer of the matrices ``w_a``/``w_p``.
+      vector_init: initializer of the vectors ``v_a``/``v_p``.
+      mesh: keyword-only, as the four below. With ``sequence_axis``, global
+        ``"dot"``/``"general"`` attention of a query sequence runs sequence parallel over
+        this mesh (:func:`luong_sequence_parallel`); the call then returns
+        ``(context, None)``: the alignment ``[Tq, Tv]`` is never built.
+      sequence_axis: the axis of ``mesh`` to split the sequences over.
+      batch_axis: passed on as ``batch_axis`` of :func:`luong_sequence_parallel`.
+      sequence_strategy: passed on as its ``strategy``.
+      sequence_layout: passed on as its ``layout``.
 
     Example usage::
 
@@ -196,7 +200,8 @@ class AttentionalDecoderCell(nn.RNNCellBase):
       input_feeding: concatenate ``h~_{t-1}`` to the input (the paper's input feeding).
       return_alignment: output ``(h~_t, a_t)`` instead of ``h~_t``; under ``nn.RNN`` the
         alignments stack into an alignment history ``[batch..., Tq, kv_length]``.
-      param_dtype: dtype of ``w_c``; kernel_init: its initializer.
+      param_dtype: dtype of ``w_c``.
+      kernel_init: initializer of ``w_c``.
       precision: matmul precision of ``W_c``.
 
     Example usage::

@@ -15,10 +15,10 @@ class SequenceParallelFields(nn.Module):
     """Base of the linen modules that can run sequence parallel: their keyword-only fields.
 
     Attributes:
-      mesh, sequence_axis: run sequence parallel over ``mesh``'s axis ``sequence_axis`` (both
-        or neither, checked by
-        :func:`~luong_attention._src.modules.call.check_sequence_fields`; the call must then
-        be inside ``jax.jit`` or eager with inputs on that mesh).
+      mesh: with ``sequence_axis``, run sequence parallel over this mesh (both or neither,
+        checked by :func:`~luong_attention._src.modules.call.check_sequence_fields`; the
+        call must then be inside ``jax.jit`` or eager with inputs on that mesh).
+      sequence_axis: the axis of ``mesh`` to split the sequences over.
       batch_axis: an optional second mesh axis to split the first batch dim over.
       sequence_strategy: ``"ring"``, ``"replicated"`` or ``None`` (pick by the lengths).
       sequence_layout: ``"contiguous"`` or ``"zigzag"`` (ring only).

@@ -29,10 +29,23 @@ class Attention(nnx.Module):
     as Keras's weights: ``scale`` (``nnx.Param``, shape ``()``, 1.0) when ``use_scale``,
     ``concat_score_weight`` when ``score_mode="concat"``; otherwise the attribute is ``None``.
 
+    Every argument but ``rngs`` is the linen module's field of that name.
+
     Args:
-      use_scale, score_mode, dropout, seed, dtype, param_dtype, precision, implementation,
-        matmul_dtype, mesh, sequence_axis, batch_axis, sequence_strategy, sequence_layout:
-        as the linen module's fields (``seed`` is folded into the drawn dropout key).
+      use_scale: learn a scalar ``scale`` that multiplies the scores.
+      score_mode: ``"dot"`` or ``"concat"``.
+      dropout: fraction of attention weights dropped when ``training=True``.
+      seed: optional integer folded into the drawn dropout key.
+      dtype: computation dtype of the inputs (``None``: infer from the inputs).
+      param_dtype: dtype of ``scale`` and ``concat_score_weight``.
+      precision: matmul precision.
+      implementation: ``None`` (pick by problem size), ``"xla"`` or ``"blocked"``.
+      matmul_dtype: operand dtype of the attention matmuls (``None``: ``dtype``'s).
+      mesh: with ``sequence_axis``, run sequence parallel over this mesh.
+      sequence_axis: the axis of ``mesh`` to split the sequences over.
+      batch_axis: an optional second mesh axis to split the first batch dim over.
+      sequence_strategy: ``"ring"``, ``"replicated"`` or ``None`` (pick by the lengths).
+      sequence_layout: ``"contiguous"`` or ``"zigzag"`` (ring only).
       rngs: where dropout keys come from when a call gives none: an ``nnx.Rngs`` (its
         ``"dropout"`` stream, else ``"default"``) or an ``nnx.RngStream``, forked as
         ``nnx.Dropout`` forks it; or ``None``.
@@ -102,9 +115,12 @@ class Attention(nnx.Module):
         """Attends ``query`` over ``value``, as :meth:`luong_attention.Attention.__call__`.
 
         Args:
-          inputs, mask, training, return_attention_scores, use_causal_mask: as the linen
-            module's (``inputs`` is ``[query [batch..., Tq, dim], value [batch..., Tv,
-            dim_v]]`` with an optional ``key [batch..., Tv, dim]``).
+          inputs: ``[query [batch..., Tq, dim], value [batch..., Tv, dim_v]]`` with an
+            optional ``key [batch..., Tv, dim]``, as the linen module's.
+          mask: ``[query_mask, value_mask]`` (either may be ``None``), as the linen module's.
+          training: apply dropout, as the linen module's.
+          return_attention_scores: also return the weights, as the linen module's.
+          use_causal_mask: the linen module's causal mask.
           rngs: the dropout key (a key array, used as the linen module uses the key it draws
             from its ``"dropout"`` stream), or an ``nnx.Rngs``/``nnx.RngStream`` to draw it
             from; ``None``: draw from the constructor's ``rngs``.

@@ -131,7 +131,11 @@ class AttentionalDecoderCell(nnx.RNNCellBase):
         input feeding (``input_features`` without).
       attention: an nnx :class:`LuongAttention` with ``query_features`` = the cell's output.
       features: size of ``h~``; default the cell's ``hidden_features``.
-      input_feeding, return_alignment, param_dtype, precision, kernel_init: as in linen.
+      input_feeding: concatenate ``h~_{t-1}`` to the input, as in linen.
+      return_alignment: output ``(h~_t, a_t)`` instead of ``h~_t``, as in linen.
+      param_dtype: dtype of ``w_c``.
+      precision: matmul precision of ``W_c``.
+      kernel_init: initializer of ``w_c``.
       rngs: an ``nnx.Rngs`` with a ``params`` stream.
 
     Example usage::

@@ -93,7 +93,7 @@ def sequence_parallel_attention(
 
     * ``"ring"`` (ring attention): queries, keys, values, value mask, output and every
       gradient are split along ``axis_name``; key/value blocks travel around the devices
-      with ``lax.ppermute`` and each step is merged with the online softmax
+      with ``lax.ppermute`` and each step is merged with the online softmax.
       Memory per device falls as ``1/n``.
     * ``"replicated"``: every device holds all queries and one slice of the keys, values and
       value mask; the partial results are merged (their online-softmax states) and the
@@ -115,13 +115,20 @@ def sequence_parallel_attention(
       query: ``[batch..., q_length, depth]``.
       value: ``[batch..., kv_length, value_depth]``.
       key: ``[batch..., kv_length, depth]``; ``None`` uses ``value``.
-      mesh: the device mesh; axis_name: the axis to split the sequence over.
+      mesh: the device mesh.
+      axis_name: the axis of ``mesh`` to split the sequence over.
       batch_axis: an optional second mesh axis to split the first batch dim over.
       strategy: ``"ring"``, ``"replicated"`` or ``None`` (see above).
       layout: ``"contiguous"`` or ``"zigzag"`` (see above).
-      query_mask, value_mask, use_causal_mask, score_mode, scale, concat_score_weight: as in
-        :func:`attention` (causal in global positions: query ``i`` sees keys ``j <= i``).
-      dropout_rate, dropout_rng: only ``0.0`` is supported (``ValueError`` otherwise).
+      query_mask: as in :func:`attention`.
+      value_mask: as in :func:`attention`.
+      use_causal_mask: as in :func:`attention`, in global positions: query ``i`` sees keys
+        ``j <= i``.
+      score_mode: as in :func:`attention`.
+      scale: as in :func:`attention`.
+      concat_score_weight: as in :func:`attention`.
+      dropout_rate: only ``0.0`` is supported (``ValueError`` otherwise).
+      dropout_rng: only ``None`` is supported (``ValueError`` otherwise).
 
     Returns:
       ``[batch..., q_length, value_depth]`` in the inputs' dtype; split along ``axis_name``

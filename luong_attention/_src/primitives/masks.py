@@ -31,7 +31,7 @@ def causal_mask(q_length: int, kv_length: int) -> jax.Array:
     Query ``i`` may attend to key ``j`` iff ``j <= i``, counting both from the start, also
     when ``q_length != kv_length``.
 
-    .. note::
+    Note:
       This is *not* the bottom-right alignment a KV cache needs: with ``q_length == 1`` the
       single query sees only key 0, whatever ``kv_length`` is. For incremental decoding pass
       an explicit ``value_mask`` instead of ``use_causal_mask``.
@@ -60,7 +60,8 @@ def score_mask(
     Args:
       value_mask: ``[batch..., kv_length]`` or ``None``.
       use_causal_mask: whether to add :func:`causal_mask`.
-      q_length: Tq; kv_length: Tv.
+      q_length: Tq.
+      kv_length: Tv.
 
     Returns:
       ``None`` when there is no mask at all; otherwise a bool mask broadcastable to the
