@@ -113,6 +113,7 @@ def test_damaged_or_mismatched_checkpoints_are_named(tmp_path):
         seq2seq.load_checkpoint(tmp_path)
 
 
+@pytest.mark.slow
 def test_demo_quick_then_translate(tmp_path, capsys):
     out = tmp_path / "run"
     cli.main(["demo", "--quick", "--out", str(out), "--seed", "1"])

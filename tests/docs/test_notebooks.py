@@ -49,6 +49,7 @@ def test_there_are_three_notebooks_without_outputs():
             assert cell.get("outputs", []) == [], f"{path.name}: outputs are stripped in git"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_runs(path, kernel_here, tmp_path):
     notebook = nbformat.read(path, as_version=4)

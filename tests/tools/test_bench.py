@@ -5,12 +5,15 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
+
 from luong_attention.tools.bench import IMPLS
 from luong_attention.tools.cli import main
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 
+@pytest.mark.slow
 def test_quick_bench_writes_json_and_plots(tmp_path, capsys):
     main(["bench", "--quick", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "bench.json").read_text())

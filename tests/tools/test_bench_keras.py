@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from luong_attention.tools import bench_keras
 from luong_attention.tools.cli import main
 
 
+@pytest.mark.slow
 def test_quick_bench_keras_writes_a_consistent_report(tmp_path, capsys):
     main(["bench-keras", "--quick", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "bench_keras.json").read_text())

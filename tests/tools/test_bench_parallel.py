@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from luong_attention.tools.cli import main
 
 MIB = 2**20
 
 
+@pytest.mark.slow
 def test_ring_bytes_read_from_hlo_match_the_ring_formula(tmp_path, capsys):
     """4 devices, T=512, depth 64, f32: each step sends the K and V shards (2 * 128 * 64 * 4
     bytes) forward, K, V, dK and dV backward; per call 3 K/V transfers forward, 3 K/V and 4

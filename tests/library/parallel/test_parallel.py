@@ -122,6 +122,7 @@ def test_ring_score_work_is_balanced_by_zigzag_and_covers_the_causal_pairs():
             assert work[device] >= np.sum(rows + 1), (layout, device)
 
 
+@pytest.mark.slow
 def test_two_processes_over_loopback_agree_with_one_process(tmp_path):
     """Two jax.distributed processes with 2 CPU devices each (a 4-device mesh) give the
     single-process, single-device result: outputs and gradients, both score modes with
