@@ -153,10 +153,10 @@ def swap_attention(model: keras.Model) -> keras.Model:
     Example usage::
 
       >>> import keras
-      >>> from luong_attention.keras import example_classifier, swap_attention
+      >>> from luong_attention.keras import Attention, example_classifier, swap_attention
       >>> plain = example_classifier(attention_layer=keras.layers.Attention)
-      >>> type(swap_attention(plain).layers[2])
-      <class 'luong_attention._src.modules.keras_layer.Attention'>
+      >>> type(swap_attention(plain).layers[2]) is Attention
+      True
     """
 
     def clone(layer: keras.layers.Layer) -> keras.layers.Layer:

@@ -16,8 +16,8 @@ class SequenceParallelFields(nn.Module):
 
     Attributes:
       mesh: with ``sequence_axis``, run sequence parallel over this mesh (both or neither,
-        checked by :func:`~luong_attention._src.modules.call.check_sequence_fields`; the
-        call must then be inside ``jax.jit`` or eager with inputs on that mesh).
+        else a ``ValueError`` at construction; the call must then be inside ``jax.jit`` or
+        eager with inputs on that mesh).
       sequence_axis: the axis of ``mesh`` to split the sequences over.
       batch_axis: an optional second mesh axis to split the first batch dim over.
       sequence_strategy: ``"ring"``, ``"replicated"`` or ``None`` (pick by the lengths).
