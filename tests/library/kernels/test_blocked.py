@@ -205,11 +205,19 @@ def test_broadcast_batch_dims_and_gradients():
         np.testing.assert_allclose(a, b, atol=5e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("matmul_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["dot", "concat"])
-def test_bfloat16(mode):
+def test_bfloat16(mode, matmul_dtype):
+    """Both operand paths forced (the machine's default differs between CPUs)."""
     q, k, v = _inputs(7, dtype=jnp.bfloat16)
     _, value_mask = _masks(8)
-    kwargs = dict(value_mask=value_mask, use_causal_mask=True, score_mode=mode, scale=0.9)
+    kwargs = dict(
+        value_mask=value_mask,
+        use_causal_mask=True,
+        score_mode=mode,
+        scale=0.9,
+        matmul_dtype=matmul_dtype,
+    )
     ref = attention(q, v, k, implementation="xla", **kwargs)
     out = attention(q, v, k, implementation="blocked", **kwargs)
     assert out.dtype == jnp.bfloat16
