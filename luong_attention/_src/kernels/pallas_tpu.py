@@ -18,22 +18,23 @@ block holding a fully masked row. The schedule and offsets reach the kernels as 
 scalar-prefetch array in SMEM.
 
 TPU layout constraints (Mosaic): the last two dims of every block must be multiples of
-``(8, 128)`` or the whole array dim. Hence ``block_q`` is a multiple of 8 (sublanes; 16
-suits bfloat16's packed tiles better), ``block_kv`` a multiple of 128 (it is the lane axis
+``(8, 128)`` or the whole array dim. Hence ``block_q`` is a multiple of 8 (sublanes; the
+defaults are multiples of 16, bfloat16's packed tile), ``block_kv`` a multiple of 128 (it is the lane axis
 of the ``[block_q, block_kv]`` score tile and of the key-bias row), depth and value depth
 are zero-padded to multiples of 128 lanes (zeros change no dot product), lengths are padded
 to whole blocks, and per-row statistics are stored lane-replicated as ``[rows, 128]`` (as
 jax's kernel does). Statistics must be float32 (Mosaic has no float64).
 
-``"concat"`` stays with the blocked ``lax`` kernel on TPUs (decided on paper). One
-``[block_q, block_kv, depth]`` tanh tile (128 x 128 x 128) is 2M tanh evaluations plus 4M
-adds on the VPU/EUP for 8 MiB of float32 intermediates, against 64 KiB of ``q``/``k``
-operands: arithmetic intensity about 100 transcendentals per byte, so the tile is bound by
-the EUP's tanh rate (at most one 8 x 128 vreg per cycle, far below the MXU's rate), not by
-HBM, and the MXU, a Pallas kernel's main advantage, cannot do this work. The kernel would
-have to loop over depth slices to fit the 16-32 MiB of scoped VMEM (the backward also needs
-``1 - tanh**2`` per element), and would still spend its time where XLA's fused
-broadcast-tanh-reduce of the blocked kernel does. So :func:`config` refuses ``"concat"``
+``"concat"`` stays with the blocked ``lax`` kernel on TPUs (decided on paper). A
+``[block_q, block_kv, depth]`` tile of 128 x 128 x 128 costs 2M tanh (EUP) and 4M adds (VPU),
+with 8 MiB of float32 intermediates, for 64-128 KiB of ``q``/``k`` operands: 16-32 tanh per
+byte, so it is bound by the EUP's tanh rate, not by HBM (819 GB/s on v5e would feed
+13-26 T tanh/s). The MXU, a Pallas kernel's main gain, cannot do this work: the same tile of
+``"dot"`` is 2M multiply-adds, about 20 ns at v5e's 197 TFLOP/s, while at an assumed 1024
+tanh per cycle (one vreg) at 1.5 GHz the tanh alone takes about 1.4 us. In a kernel the tile would
+need a loop over depth slices to fit 16-32 MiB of scoped VMEM (the backward also needs
+``1 - tanh**2`` per element) and would still spend its time where XLA's fused
+broadcast-tanh-reduce in the blocked kernel does. So :func:`config` refuses ``"concat"``
 with a ValueError and the dispatcher routes it to the blocked kernel. Dropout is not
 implemented yet (``config`` refuses ``dropout_rate > 0``).
 """
@@ -54,6 +55,7 @@ from luong_attention._src.primitives.masks import MASK_PENALTY
 
 LANES = 128  # the minor (lane) tile of a TPU vreg
 SUBLANES = 8  # the second-minor (sublane) tile of a float32 vreg
+PACKED_SUBLANES = 16  # bfloat16 packs two rows a sublane: default query blocks align to it
 # Padded keys get this bias: far below a penalised score (about -1e9), still finite in f32.
 _PAD_PENALTY = 1.0e30
 # Default tiles: jax's TPU flash kernel uses 128 x 128; larger key blocks mean fewer grid
@@ -68,16 +70,18 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _block(name: str, block: int | None, length: int, target: int, multiple: int) -> int:
+def _block(
+    name: str, block: int | None, length: int, target: int, multiple: int, default_multiple: int
+) -> int:
     """A checked block size: ``block`` (capped at ``length`` rounded up) or, for ``None``,
-    the smallest multiple of ``multiple`` that splits ``length`` in as many blocks as
+    the smallest multiple of ``default_multiple`` that splits ``length`` in as many blocks as
     ``target`` does (little padding).
 
     Raises:
       ValueError: for a block that is not ``None`` or a positive multiple of ``multiple``.
     """
     if block is None:
-        return _round_up(-(-length // -(-length // target)), multiple)
+        return _round_up(-(-length // -(-length // target)), default_multiple)
     if not isinstance(block, int) or block < 1 or block % multiple:
         raise ValueError(
             f"{name} must be None or a positive multiple of {multiple} for the pallas_tpu "
@@ -117,8 +121,8 @@ def config(
     return TileConfig(
         score_mode="dot",
         causal=bool(causal),
-        block_q=_block("block_q", block_q, q_length, DEFAULT_BLOCK_Q, SUBLANES),
-        block_kv=_block("block_kv", block_kv, kv_length, DEFAULT_BLOCK_KV, LANES),
+        block_q=_block("block_q", block_q, q_length, DEFAULT_BLOCK_Q, SUBLANES, PACKED_SUBLANES),
+        block_kv=_block("block_kv", block_kv, kv_length, DEFAULT_BLOCK_KV, LANES, LANES),
         q_length=q_length,
         kv_length=kv_length,
         dropout_rate=0.0,

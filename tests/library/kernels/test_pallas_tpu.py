@@ -289,8 +289,9 @@ def test_config_refuses_what_the_kernel_does_not_do(kwargs, match):
 
 
 def test_default_tiles_are_tpu_tiles_with_little_padding():
-    """Query blocks of a multiple of 8, key blocks of 128, split evenly near 256 x 512."""
+    """Query blocks of a multiple of 16 (bf16 tiles), key blocks of 128, split evenly near
+    256 x 512."""
     cfg = KERNEL.config("dot", 1500, 1000, 64)
     assert (cfg.block_q, cfg.block_kv, cfg.n_q, cfg.n_kv) == (256, 512, 6, 2)
     cfg = KERNEL.config("dot", 19, 150, 5)
-    assert (cfg.block_q, cfg.block_kv, cfg.n_q, cfg.n_kv) == (24, 256, 1, 1)
+    assert (cfg.block_q, cfg.block_kv, cfg.n_q, cfg.n_kv) == (32, 256, 1, 1)
