@@ -19,11 +19,11 @@ scalar-prefetch array in SMEM.
 
 TPU layout constraints (Mosaic): the last two dims of every block must be multiples of
 ``(8, 128)`` or the whole array dim. Hence ``block_q`` is a multiple of 8 (sublanes; the
-defaults are multiples of 16, bfloat16's packed tile), ``block_kv`` a multiple of 128 (it is the lane axis
-of the ``[block_q, block_kv]`` score tile and of the key-bias row), depth and value depth
-are zero-padded to multiples of 128 lanes (zeros change no dot product), lengths are padded
-to whole blocks, and per-row statistics are stored lane-replicated as ``[rows, 128]`` (as
-jax's kernel does). Statistics must be float32 (Mosaic has no float64).
+defaults are multiples of 16, bfloat16's packed tile), ``block_kv`` a multiple of 128 (the
+lane axis of the ``[block_q, block_kv]`` score tile and of the key-bias row), depth and
+value depth are zero-padded to multiples of 128 lanes (zeros change no dot product),
+lengths are padded to whole blocks, and per-row statistics are stored lane-replicated as
+``[rows, 128]`` (as jax's kernel does). Statistics must be float32 (no float64 in Mosaic).
 
 ``"concat"`` stays with the blocked ``lax`` kernel on TPUs (decided on paper). A
 ``[block_q, block_kv, depth]`` tile of 128 x 128 x 128 costs 2M tanh (EUP) and 4M adds (VPU),
@@ -285,17 +285,19 @@ def _specs(cfg: TileConfig, kv_major: bool, per_example_bias: bool):
         return outer if kv_major else _kv_index(sched, outer, inner)
 
     def rows(width: int) -> pl.BlockSpec:
-        return pl.BlockSpec((None, cfg.block_q, width), lambda b, o, n, s: (b, q_block(o, n, s), 0))
+        return pl.BlockSpec(
+            (pl.squeezed, cfg.block_q, width), lambda b, o, n, s: (b, q_block(o, n, s), 0)
+        )
 
     def keys(width: int) -> pl.BlockSpec:
         return pl.BlockSpec(
-            (None, cfg.block_kv, width), lambda b, o, n, s: (b, kv_block(o, n, s), 0)
+            (pl.squeezed, cfg.block_kv, width), lambda b, o, n, s: (b, kv_block(o, n, s), 0)
         )
 
     def bias_block(b, o, n, s):
         return (b if per_example_bias else 0, 0, kv_block(o, n, s))
 
-    return rows, keys, pl.BlockSpec((None, 1, cfg.block_kv), bias_block)
+    return rows, keys, pl.BlockSpec((pl.squeezed, 1, cfg.block_kv), bias_block)
 
 
 def _schedule_array(cfg: TileConfig, ops: Operands) -> jax.Array:
