@@ -9,10 +9,13 @@ kernel itself.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers.reference import reference_attention
+from jax.experimental.pallas import tpu as pltpu
 
 from luong_attention._src.kernels import api
 from luong_attention._src.kernels.registry import KERNELS, get_kernel
@@ -20,6 +23,17 @@ from luong_attention._src.kernels.registry import KERNELS, get_kernel
 # (B, Tq, Tv, depth, dim_v), all distinct.
 B, TQ, TV, DIM, DIM_V = 3, 13, 11, 4, 5
 TOL = {"rtol": 1e-5, "atol": 1e-5}
+# How a kernel with tile rules of its own runs here: the Pallas TPU kernel in Mosaic interpret
+# mode, with (block_q, block_kv) = (8, 128) (TPU tiles) and "dot" scores only ("concat" is
+# routed to the blocked kernel).
+_INTERPRET = {"pallas_tpu": pltpu.force_tpu_interpret_mode}
+_BLOCKS = {"pallas_tpu": (8, 128)}
+_KERNEL_MODES = [
+    (name, mode)
+    for name in sorted(KERNELS)
+    for mode in ("dot", "concat")
+    if (name, mode) != ("pallas_tpu", "concat")
+]
 
 
 def _operands(score_mode: str, seed: int = 0):
@@ -61,14 +75,15 @@ def _reference(score_mode, causal, q, k, v, mask, weight):
 
 def _state(kernel, score_mode, causal, q, k, v, mask, weight, kv_offset=0, block=None):
     """The kernel's state of all queries over keys ``k`` placed at ``kv_offset``."""
+    block_q, block_kv = _BLOCKS.get(kernel.name, (block, block))
     cfg = kernel.config(
         score_mode,
         q.shape[1],
         k.shape[1],
         DIM,
         causal=causal,
-        block_q=block,
-        block_kv=block,
+        block_q=block_q,
+        block_kv=block_kv,
         batch=B,
     )
     ops = api.Operands(
@@ -80,11 +95,11 @@ def _state(kernel, score_mode, causal, q, k, v, mask, weight, kv_offset=0, block
         (jnp.int32(0), jnp.int32(kv_offset)),
         None,
     )
-    return kernel.forward(cfg, ops)
+    with _INTERPRET.get(kernel.name, contextlib.nullcontext)():
+        return kernel.forward(cfg, ops)
 
 
-@pytest.mark.parametrize("name", sorted(KERNELS))
-@pytest.mark.parametrize("score_mode", ["dot", "concat"])
+@pytest.mark.parametrize(("name", "score_mode"), _KERNEL_MODES)
 @pytest.mark.parametrize("causal", [False, True])
 def test_finalise_and_logsumexp_of_the_forward_state(name, score_mode, causal):
     """Several tiles (blocks of 4: padded rows and keys), masks, a fully masked row."""
@@ -99,8 +114,7 @@ def test_finalise_and_logsumexp_of_the_forward_state(name, score_mode, causal):
     np.testing.assert_allclose(api.logsumexp(state)[seen], lse[seen], **TOL)
 
 
-@pytest.mark.parametrize("name", sorted(KERNELS))
-@pytest.mark.parametrize("score_mode", ["dot", "concat"])
+@pytest.mark.parametrize(("name", "score_mode"), _KERNEL_MODES)
 def test_states_of_key_blocks_merge_into_the_whole(name, score_mode):
     """Keys cut at 6 into two calls (causal, global offsets): merged in either order, the
     states give the output over all keys, fully masked rows included (max and denominator
@@ -130,5 +144,7 @@ def test_empty_state_is_the_identity_and_two_empty_states_stay_finite():
 
 
 def test_unknown_kernel_is_a_value_error():
-    with pytest.raises(ValueError, match=r"kernel must be one of \['blocked'\]. Received: 'cuda'"):
+    with pytest.raises(
+        ValueError, match=r"kernel must be one of \['blocked', 'pallas_tpu'\]. Received: 'cuda'"
+    ):
         get_kernel("cuda")
