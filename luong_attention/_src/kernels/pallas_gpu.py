@@ -47,9 +47,8 @@ from luong_attention._src.primitives.masks import MASK_PENALTY
 _PAD_PENALTY = 1.0e30
 # Triton's dot needs at least 16 along each axis; tiles are powers of two.
 _MIN_TILE = 16
-# Default tiles: 64 x 64 (64 rows a warp group's worth of MMA work with 4 warps, a
-# [64, 64] float32 score tile and [64, depth] operand tiles well inside registers and
-# shared memory for depths up to 128). Larger tiles take 8 warps.
+# Default tiles 64 x 64 with 4 warps: a [64, 64] float32 score tile and [64, depth] operand
+# tiles fit registers and shared memory for depths up to 128 (as jax's Triton attention).
 DEFAULT_BLOCK = 64
 _NUM_STAGES = 2
 _HIGHEST = jax.lax.Precision.HIGHEST
