@@ -247,6 +247,7 @@ def test_lowers_for_cuda_as_triton_calls(causal, dtype):
 
 def test_dispatch_on_cpu_is_unchanged_and_gpu_picks_pallas_for_dot(monkeypatch):
     q, k, v = _inputs()
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     cpu = [select_implementation(mode, q, k, v) for mode in ("dot", "concat")]
     assert cpu == ["xla", "xla"]
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
