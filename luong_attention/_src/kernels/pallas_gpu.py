@@ -160,9 +160,9 @@ def _tile_scores(
 def _forward_kernel(*refs, cfg: TileConfig, has_bias: bool) -> None:
     """One ``(batch, query tile)``: the online softmax over key tiles ``[0, kv_stop[i])``.
 
-    Refs: ``scalars [4]`` (see :class:`_Padded`), ``kv_stop [n_q]``, ``q [bq, dp]``, ``k [Tv_pad, dp]``,
-    ``v [Tv_pad, dvp]``, the bias ``[Tv_pad]`` if any; then the outputs ``m``, ``denom [bq]`` and
-    ``acc [bq, dvp]`` (float32).
+    Refs: ``scalars [4]`` (see :class:`_Padded`), ``kv_stop [n_q]``, ``q [bq, dp]``,
+    ``k [Tv_pad, dp]``, ``v [Tv_pad, dvp]``, the bias ``[Tv_pad]`` if any; then the outputs
+    ``m``, ``denom [bq]`` and ``acc [bq, dvp]`` (float32).
     """
     scalars_ref, stop_ref, q_ref, k_ref, v_ref = refs[:5]
     bias_ref = refs[5] if has_bias else None
@@ -262,7 +262,7 @@ def _call(
     """``pl.pallas_call`` of ``kernel`` on the ``(B, tiles)`` grid with Triton settings.
 
     ``inputs`` and ``outputs`` are ``(array or ShapeDtypeStruct, BlockSpec)`` pairs; the
-    offsets come first and the bias (row ``b``, or row 0 of a shared one) last.
+    kernel gets ``x.scalars`` first and the bias (row ``b``, or row 0 of a shared one) last.
     """
     inputs = [_whole(x.scalars), *inputs]
     warps = 4 if cfg.block_q * cfg.block_kv <= 64 * 64 else 8
