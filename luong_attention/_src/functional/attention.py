@@ -5,6 +5,7 @@ Shapes follow the legend in :mod:`luong_attention._src.primitives.scores`.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal, NamedTuple
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
 from luong_attention._src.functional.kernel_call import kernel_attention, kernel_weights
-from luong_attention._src.kernels.registry import get_kernel
+from luong_attention._src.kernels.registry import KERNELS, get_kernel
 from luong_attention._src.primitives import checks
 from luong_attention._src.primitives.masks import as_bool_mask, mask_scores, score_mask
 from luong_attention._src.primitives.scores import (
@@ -25,7 +26,8 @@ from luong_attention._src.primitives.scores import (
     weighted_sum,
 )
 
-Implementation = Literal["xla", "blocked"]
+Implementation = Literal["xla", "blocked", "pallas"]
+PallasPlatform = Literal["gpu", "tpu"]
 
 # The automatic choice (``implementation=None``), measured with ``luong-attention bench`` on
 # 2-core x86 CPUs (AMD EPYC and Intel Xeon; see the README's Performance section): below
@@ -140,6 +142,7 @@ def attention(
     precision: PrecisionLike = None,
     implementation: Implementation | None = None,
     matmul_dtype: DTypeLike | None = None,
+    pallas_platform: PallasPlatform | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Luong-style attention with the exact semantics of ``keras.layers.Attention``.
 
@@ -166,16 +169,25 @@ def attention(
         the ``matmul_dtype`` operands with the default precision).
       implementation: ``"xla"`` builds the full ``[Tq, Tv]`` score matrix (fastest for small
         problems); ``"blocked"`` runs :func:`blocked_attention_with_lse`, whose memory is
-        linear in the lengths; ``None`` picks with :func:`select_implementation`. Both give
-        the same numbers up to float32 rounding (dropout masks differ: each path draws its
-        own). With ``return_attention_scores`` the blocked path still computes its output
+        linear in the lengths; ``"pallas"`` runs the Pallas kernel of the running backend
+        (``"dot"`` without dropout; on a GPU a Triton kernel, memory linear in the
+        lengths; on a CPU the same GPU kernel in the Pallas interpreter, slow: a testing
+        aid); ``None`` picks with :func:`select_implementation`. All give the same numbers
+        up to float32 rounding (dropout masks differ: each path draws its own). With
+        ``return_attention_scores`` the blocked and Pallas paths still compute their output
         blockwise but must also build the dense ``[Tq, Tv]`` weights (one extra dense score
         pass and ``Tq * Tv`` memory), so ``None`` picks ``"xla"`` then.
       matmul_dtype: dtype of the operands of the two matmuls (query-key and weights-value,
         and the backward's); they always accumulate in float32, and the softmax and its
         statistics always run in float32. ``None``: the inputs' dtype, except bfloat16 and
         float16 on a CPU without matrix units for them, which multiply in float32 (faster
-        there); see :func:`resolve_matmul_dtype`.
+        there); see :func:`resolve_matmul_dtype`. ``"pallas"`` always multiplies in the
+        inputs' dtype (its kernels target GPU/TPU matrix units).
+      pallas_platform: with ``implementation="pallas"``, ``"gpu"`` (Triton) or ``"tpu"``
+        (Mosaic) picks that platform's compiled kernel whatever the running backend, so that
+        a CPU process can lower or export the program for that platform (e.g.
+        ``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))``; it cannot run it).
+        ``None``: the running backend's kernel (the GPU one interpreted on a CPU).
 
     Returns:
       ``output [batch..., q_length, value_depth]``, or ``(output, weights)`` with
@@ -187,9 +199,11 @@ def attention(
       bfloat16 inputs, so half-precision inputs never overflow in the mask.
 
     Raises:
-      ValueError, TypeError: for bad shapes, dtypes, ``score_mode`` or dropout arguments.
+      ValueError, TypeError: for bad shapes, dtypes, ``score_mode`` or dropout arguments,
+        or a Pallas kernel asked for what it does not compute (the GPU kernel: ``"concat"``
+        or dropout; pass ``implementation="blocked"`` for those).
     """
-    checks.check_implementation(implementation)
+    checks.check_implementation(implementation, pallas_platform)
     query, value, key, query_mask, value_mask = checks.validate_attention_args(
         query,
         value,
@@ -203,10 +217,20 @@ def attention(
     )
     if implementation is None:
         implementation = select_implementation(
-            score_mode, query, key, value, return_attention_scores=return_attention_scores
+            score_mode,
+            query,
+            key,
+            value,
+            return_attention_scores=return_attention_scores,
+            dropout_rate=dropout_rate,
         )
-    run = _blocked if implementation == "blocked" else _dense
     dtype = jnp.result_type(query, key, value)
+    if implementation == "pallas":
+        # A Pallas kernel targets matrix units: the CPU rule of resolve_matmul_dtype is moot.
+        matmul_dtype = dtype if matmul_dtype is None else matmul_dtype
+    run = _dense
+    if implementation != "xla":
+        run = functools.partial(_kernel_path, _kernel_name(implementation, pallas_platform))
     output, weights = run(
         query,
         value,
@@ -279,15 +303,40 @@ def _dense(
     )
 
 
-def _blocked(
+def _kernel_name(implementation: Implementation, pallas_platform: PallasPlatform | None) -> str:
+    """The registry name of the kernel behind ``"blocked"`` or ``"pallas"``.
+
+    ``"pallas"`` takes ``pallas_platform``'s compiled kernel, else the running backend's
+    (``"pallas_gpu"`` on GPUs, ``"pallas_tpu"`` on TPUs), else the GPU kernel interpreted.
+
+    Raises:
+      ValueError: for a platform whose Pallas kernel this build lacks.
+    """
+    if implementation == "blocked":
+        return "blocked"
+    backend = jax.default_backend()
+    platform = pallas_platform or (backend if backend in ("gpu", "tpu") else None)
+    name = "pallas_gpu_interpret" if platform is None else f"pallas_{platform}"
+    if name not in KERNELS:
+        raise ValueError(
+            f"implementation='pallas' has no Pallas kernel for {platform!r} in this build "
+            f"(kernels: {sorted(KERNELS)}). Received: pallas_platform={pallas_platform!r} "
+            f"on the {backend!r} backend"
+        )
+    return name
+
+
+def _kernel_path(
+    kernel_name: str,
     query: jax.Array,
     value: jax.Array,
     key: jax.Array,
     value_mask: jax.Array | None,
     settings: _Settings,
 ) -> tuple[jax.Array, jax.Array | None]:
-    """The ``"blocked"`` implementation; the dense weights only when asked for."""
-    kernel = get_kernel("blocked")
+    """The ``"blocked"`` and ``"pallas"`` implementations: the kernel ``kernel_name`` (see
+    :func:`_kernel_name`); the dense weights only when asked for."""
+    kernel = get_kernel(kernel_name)
     output, _ = kernel_attention(
         kernel,
         query,
@@ -322,8 +371,13 @@ def select_implementation(
     value: jax.Array,
     *,
     return_attention_scores: bool = False,
+    dropout_rate: float = 0.0,
 ) -> Implementation:
     """The implementation :func:`attention` uses when given ``implementation=None``.
+
+    On a GPU or a TPU (``jax.default_backend()`` is ``"gpu"`` or ``"tpu"``), ``"pallas"``
+    (the Triton or the Mosaic kernel) for ``"dot"`` without dropout and without the weights
+    requested. Elsewhere, and for the other cases there, by problem size as follows.
 
     For ``"dot"``, ``"blocked"`` once each example's score matrix is large, ``Tq * Tv >=``
     :data:`AUTO_BLOCKED_DOT_SCORES` (from about 1024 x 1024 the blocked forward and gradient
@@ -337,6 +391,9 @@ def select_implementation(
     """
     if return_attention_scores:
         return "xla"
+    on_accelerator = jax.default_backend() in ("gpu", "tpu")
+    if on_accelerator and score_mode == "dot" and dropout_rate == 0.0:
+        return "pallas"
     batch_shape = jnp.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     per_example = query.shape[-2] * key.shape[-2]
     scores = math.prod(batch_shape) * per_example

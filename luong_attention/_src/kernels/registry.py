@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from luong_attention._src.kernels import blocked, pallas_tpu
+from luong_attention._src.kernels import blocked, pallas_gpu, pallas_tpu
 from luong_attention._src.kernels.api import Kernel
 
-KERNELS: dict[str, Kernel] = {kernel.name: kernel for kernel in (blocked.KERNEL, pallas_tpu.KERNEL)}
+KERNELS: dict[str, Kernel] = {
+    kernel.name: kernel
+    for kernel in (
+        blocked.KERNEL,
+        pallas_gpu.KERNEL,
+        pallas_gpu.INTERPRET_KERNEL,
+        pallas_tpu.KERNEL,
+    )
+}
 
 
 def get_kernel(name: str = "blocked") -> Kernel:

@@ -46,7 +46,7 @@ class Attention(keras.layers.Attention):
     and, as in the Flax module, not part of ``get_config()`` (so the config stays the plain
     layer's, and ``from_config`` gives their defaults):
 
-    * ``implementation``: ``None`` (pick as above), ``"xla"`` or ``"blocked"``;
+    * ``implementation``: ``None`` (pick as above), ``"xla"``, ``"blocked"`` or ``"pallas"``;
     * ``matmul_dtype``: operand dtype of the two attention matmuls (``None``: the compute
       dtype, or float32 for bfloat16/float16 on a CPU without matrix units for them);
     * ``precision``: matmul precision of the ``"xla"`` path.

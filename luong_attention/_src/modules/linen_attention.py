@@ -35,9 +35,9 @@ class Attention(SequenceParallelFields):
         always runs in float32 or wider.
       param_dtype: dtype of ``scale`` and ``concat_score_weight``.
       precision: matmul precision.
-      implementation: ``None`` (pick by problem size), ``"xla"`` or ``"blocked"``; see
-        :func:`attention`. Not part of the Keras config: it changes speed and memory, not
-        the numbers.
+      implementation: ``None`` (pick by problem size and backend), ``"xla"``, ``"blocked"``
+        or ``"pallas"``; see :func:`attention`. Not part of the Keras config: it changes
+        speed and memory, not the numbers.
       matmul_dtype: operand dtype of the attention matmuls (``None``: ``dtype``'s, or
         float32 for bfloat16/float16 on a CPU without matrix units for them); see
         :func:`attention`. Not part of the Keras config either.

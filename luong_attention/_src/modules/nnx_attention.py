@@ -39,7 +39,8 @@ class Attention(nnx.Module):
       dtype: computation dtype of the inputs (``None``: infer from the inputs).
       param_dtype: dtype of ``scale`` and ``concat_score_weight``.
       precision: matmul precision.
-      implementation: ``None`` (pick by problem size), ``"xla"`` or ``"blocked"``.
+      implementation: ``None`` (pick by problem size and backend), ``"xla"``, ``"blocked"``
+        or ``"pallas"``; see :func:`~luong_attention.attention`.
       matmul_dtype: operand dtype of the attention matmuls (``None``: ``dtype``'s).
       mesh: with ``sequence_axis``, run sequence parallel over this mesh.
       sequence_axis: the axis of ``mesh`` to split the sequences over.

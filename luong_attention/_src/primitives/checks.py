@@ -167,15 +167,30 @@ def unpack_mask(mask: Sequence[Any] | None) -> tuple[Any, Any]:
     return mask[0], mask[1]
 
 
-IMPLEMENTATIONS = ("xla", "blocked")
+IMPLEMENTATIONS = ("xla", "blocked", "pallas")
+PALLAS_PLATFORMS = ("gpu", "tpu")
 
 
-def check_implementation(implementation: Any) -> None:
-    """Raises ``ValueError`` unless ``implementation`` is ``None`` or in :data:`IMPLEMENTATIONS`."""
+def check_implementation(implementation: Any, pallas_platform: Any = None) -> None:
+    """Raises ``ValueError`` unless ``implementation`` is ``None`` or in :data:`IMPLEMENTATIONS`,
+    and ``pallas_platform`` is ``None`` or, with ``implementation="pallas"``, in
+    :data:`PALLAS_PLATFORMS`."""
     if implementation is not None and implementation not in IMPLEMENTATIONS:
         raise ValueError(
-            "Invalid value for argument implementation. Expected None, 'xla' or 'blocked'. "
-            f"Received: implementation={implementation!r}"
+            "Invalid value for argument implementation. Expected None, 'xla', 'blocked' or "
+            f"'pallas'. Received: implementation={implementation!r}"
+        )
+    if pallas_platform is None:
+        return
+    if pallas_platform not in PALLAS_PLATFORMS:
+        raise ValueError(
+            "Invalid value for argument pallas_platform. Expected None, 'gpu' or 'tpu'. "
+            f"Received: pallas_platform={pallas_platform!r}"
+        )
+    if implementation != "pallas":
+        raise ValueError(
+            "pallas_platform chooses the kernel of implementation='pallas'. Received: "
+            f"pallas_platform={pallas_platform!r} with implementation={implementation!r}"
         )
 
 

@@ -23,16 +23,18 @@ from luong_attention._src.kernels.registry import KERNELS, get_kernel
 # (B, Tq, Tv, depth, dim_v), all distinct.
 B, TQ, TV, DIM, DIM_V = 3, 13, 11, 4, 5
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-# How a kernel with tile rules of its own runs here: the Pallas TPU kernel in Mosaic interpret
-# mode, with (block_q, block_kv) = (8, 128) (TPU tiles) and "dot" scores only ("concat" is
-# routed to the blocked kernel).
+# The kernels as they run here: the blocked kernel; the Pallas GPU kernel through its
+# interpreted twin (``pallas_gpu`` itself only lowers here), with Triton's tiles (powers of two,
+# at least 16); the Pallas TPU kernel in Mosaic interpret mode with TPU tiles (8, 128). The
+# Pallas kernels compute "dot" only ("concat" is routed to the blocked kernel).
 _INTERPRET = {"pallas_tpu": pltpu.force_tpu_interpret_mode}
-_BLOCKS = {"pallas_tpu": (8, 128)}
+_BLOCKS = {"pallas_gpu_interpret": (16, 16), "pallas_tpu": (8, 128)}
+_RUN_HERE = ("blocked", "pallas_gpu_interpret", "pallas_tpu")
 _KERNEL_MODES = [
     (name, mode)
-    for name in sorted(KERNELS)
+    for name in _RUN_HERE
     for mode in ("dot", "concat")
-    if (name, mode) != ("pallas_tpu", "concat")
+    if mode == "dot" or not name.startswith("pallas_")
 ]
 
 
@@ -143,8 +145,9 @@ def test_empty_state_is_the_identity_and_two_empty_states_stay_finite():
     np.testing.assert_array_equal(api.finalise(nothing), np.zeros((B, TQ, DIM_V)))
 
 
-def test_unknown_kernel_is_a_value_error():
+def test_every_kernel_is_tested_here_and_unknown_kernels_are_a_value_error():
+    assert set(KERNELS) == {*_RUN_HERE, "pallas_gpu"}  # a new kernel must join _RUN_HERE
     with pytest.raises(
-        ValueError, match=r"kernel must be one of \['blocked', 'pallas_tpu'\]. Received: 'cuda'"
+        ValueError, match=r"kernel must be one of \['blocked', .*\]. Received: 'cuda'"
     ):
         get_kernel("cuda")

@@ -17,6 +17,7 @@ import pytest
 from helpers.reference import reference_attention
 from jax.experimental.pallas import tpu as pltpu
 
+import luong_attention as la
 from luong_attention._src.functional.kernel_call import kernel_attention
 from luong_attention._src.kernels import api
 from luong_attention._src.kernels.registry import get_kernel
@@ -265,6 +266,36 @@ def test_exports_for_tpu_as_mosaic_kernels(causal):
         text = jax.export.export(jax.jit(fn), platforms=["tpu"])(*shapes).mlir_module()
         assert text.count("stablehlo.custom_call @tpu_custom_call") == kernels
         assert "callback" not in text
+
+
+def test_attention_with_pallas_platform_tpu_exports_the_mosaic_kernels():
+    """The public path: ``attention(implementation="pallas", pallas_platform="tpu")``
+    (scale, value mask, causal), forward + gradient exported for ``tpu`` from this CPU."""
+    shapes = (
+        jax.ShapeDtypeStruct((3, 40, 16), jnp.float32),
+        jax.ShapeDtypeStruct((3, 200, 16), jnp.float32),
+        jax.ShapeDtypeStruct((3, 200, 24), jnp.float32),
+        jax.ShapeDtypeStruct((3, 200), jnp.bool_),
+        jax.ShapeDtypeStruct((), jnp.float32),
+    )
+
+    def loss(q, k, v, mask, scale):
+        out = la.attention(
+            q,
+            v,
+            k,
+            value_mask=mask,
+            scale=scale,
+            use_causal_mask=True,
+            implementation="pallas",
+            pallas_platform="tpu",
+        )
+        return out.sum()
+
+    fn = jax.value_and_grad(loss, argnums=(0, 1, 2, 4))
+    text = jax.export.export(jax.jit(fn), platforms=["tpu"])(*shapes).mlir_module()
+    assert text.count("stablehlo.custom_call @tpu_custom_call") == 3
+    assert "callback" not in text
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,450 @@
+"""The Pallas GPU kernel (Triton backend): :data:`KERNEL` and :data:`INTERPRET_KERNEL`.
+
+FlashAttention-2 behind the kernel interface (:mod:`luong_attention._src.kernels.api`) for
+``score_mode="dot"``, with the blocked kernel's semantics and tile schedule
+(:mod:`.blocked`): ``scale`` folded into the query by the caller, masked keys at ``score -
+MASK_PENALTY``, padded keys excluded by a ``-1e30`` bias, the causal mask on global positions,
+causal tiles above the diagonal skipped unless their query block holds a fully masked row,
+float32 softmax statistics for float32, bfloat16 and float16 operands. Three
+``pallas_call``\\ s, each given ``plgpu.CompilerParams`` (which selects Triton over Mosaic GPU):
+forward on a ``(B, n_q)`` grid (a loop over key tiles, online softmax, the unnormalised
+state out); dK/dV on ``(B, n_kv)`` (a loop over the query tiles that see the key tile); dQ
+on ``(B, n_q)``. Both recompute ``p = exp(s - m) / denom`` from the rows' final statistics,
+with ``delta = rowsum(d_out * out) - d_lse`` computed by XLA.
+
+Triton wants power-of-two tiles of at least 16 rows for ``dot``: blocks are powers of two
+>= 16 and depths are zero-padded to one (zero features change no score). float32 operands
+multiply at full precision (Triton ``ieee``, not TF32), as the blocked kernel; bfloat16 and
+float16 ones natively, accumulating in float32.
+
+``"concat"`` stays on the blocked kernel, on paper: its ``[block_q, block_kv, depth]`` tanh
+tile is 1 MiB of float32 at 64 x 64 x 64, four times an SM's register file (256 KiB) and
+more than its shared memory (228 KiB on H100/H200), so a kernel would walk it one depth
+column at a time. Either way a tile costs ``block_q * block_kv * depth`` tanh on the
+special-function units (16 per clock per SM, against some 1000 multiply-adds per clock on
+the tensor cores): ``depth / 16`` clocks per score per SM, against well under one clock to
+move a float32 score through HBM, so fusing the forward saves at most some 10% over the
+blocked kernel under XLA. The backward could gain more (the blocked kernel stores the tanh
+tile), but that wants the depth-column loop and a GPU to measure. :func:`config` refuses
+``"concat"`` and dropout (not implemented yet).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from luong_attention._src.kernels.api import Kernel, Operands, RowStats, SoftmaxState, TileConfig
+from luong_attention._src.kernels.blocked import schedule
+from luong_attention._src.primitives.masks import MASK_PENALTY
+
+# Padded keys get this bias: far below a penalised score (about -1e9), still finite in f32.
+_PAD_PENALTY = 1.0e30
+# Triton's dot needs at least 16 along each axis; tiles are powers of two.
+_MIN_TILE = 16
+# Default tiles 64 x 64 with 4 warps: a [64, 64] float32 score tile and [64, depth] operand
+# tiles fit registers and shared memory for depths up to 128 (as jax's Triton attention).
+DEFAULT_BLOCK = 64
+_NUM_STAGES = 2
+_HIGHEST = jax.lax.Precision.HIGHEST
+_OPERAND_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _padded_pow2(length: int) -> int:
+    """The smallest power of two ``>= max(length, 16)``."""
+    return max(_MIN_TILE, pl.next_power_of_2(length))
+
+
+def config(
+    score_mode: str,
+    q_length: int,
+    kv_length: int,
+    depth: int,
+    *,
+    causal: bool = False,
+    dropout_rate: float = 0.0,
+    block_q: int | None = None,
+    block_kv: int | None = None,
+    batch: int = 1,
+) -> TileConfig:
+    """The tiles of one call: :data:`DEFAULT_BLOCK` rows, at most the lengths rounded up
+    to a power of two (>= 16).
+
+    Raises:
+      ValueError: for ``"concat"`` or ``dropout_rate > 0`` (not in this kernel), or a block
+        size that is not a power of two >= 16 (the smallest tile Triton's ``dot`` takes).
+    """
+    del depth, batch  # The defaults depend on neither.
+    if score_mode != "dot" or dropout_rate > 0.0:
+        raise ValueError(
+            "The Pallas GPU kernel computes score_mode='dot' without dropout (concat and "
+            "dropout run on the blocked kernel). Received: "
+            f"score_mode={score_mode!r}, dropout_rate={dropout_rate}"
+        )
+    for name, block in (("block_q", block_q), ("block_kv", block_kv)):
+        fits = isinstance(block, int) and block >= _MIN_TILE and block & (block - 1) == 0
+        if block is not None and not fits:
+            raise ValueError(
+                f"{name} must be a power of two >= {_MIN_TILE} (Triton tiles) or None. "
+                f"Received: {name}={block!r}"
+            )
+    return TileConfig(
+        score_mode="dot",
+        causal=bool(causal),
+        block_q=min(block_q or DEFAULT_BLOCK, _padded_pow2(q_length)),
+        block_kv=min(block_kv or DEFAULT_BLOCK, _padded_pow2(kv_length)),
+        q_length=q_length,
+        kv_length=kv_length,
+        dropout_rate=0.0,
+    )
+
+
+def dropout_multiplier(cfg: TileConfig, rng: jax.Array, batch: int) -> jax.Array:
+    """Not available: :func:`config` refuses dropout, so no call draws a mask."""
+    del rng, batch
+    raise ValueError(
+        f"The Pallas GPU kernel has no dropout yet. Received: dropout_rate={cfg.dropout_rate}"
+    )
+
+
+def _pad(x: jax.Array, length: int, depth: int | None = None, fill: float = 0.0) -> jax.Array:
+    """``[B, T(, D)]`` zero- (or ``fill``-) padded to ``[B, length(, depth)]``."""
+    pad = [(0, 0), (0, length - x.shape[1])]
+    if depth is not None:
+        pad.append((0, depth - x.shape[2]))
+    return jnp.pad(x, pad, constant_values=fill)
+
+
+def _key_bias(cfg: TileConfig, value_mask: jax.Array | None, kv_padded: int) -> jax.Array | None:
+    """``[B or 1, kv_padded]`` float32 key bias: 0 (attend), ``-MASK_PENALTY`` (masked) or
+    ``-_PAD_PENALTY`` (padding); ``None`` when every score is left as it is."""
+    if value_mask is None and not cfg.causal and kv_padded == cfg.kv_length:
+        return None
+    vmask = jnp.ones((1, cfg.kv_length), bool) if value_mask is None else value_mask
+    bias = jnp.where(vmask, 0.0, -MASK_PENALTY).astype(jnp.float32)
+    return _pad(bias, kv_padded, fill=-_PAD_PENALTY)
+
+
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    """2-D matmul contracting ``a``'s and ``b``'s given axes, accumulated in float32;
+    ``HIGHEST``: float32 operands in full precision (Triton ``ieee``, not TF32)."""
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, precision=_HIGHEST, preferred_element_type=jnp.float32)
+
+
+def _tile_scores(
+    cfg: TileConfig, q: jax.Array, k: jax.Array, bias_ref, scalars_ref, i: jax.Array, j: jax.Array
+) -> jax.Array:
+    """The masked scores ``[bq, bk]`` of tile ``(i, j)`` from ``q [bq, dp]``, ``k [bk, dp]``.
+
+    A key the causal mask hides gets ``min(bias, -MASK_PENALTY)``: ``-MASK_PENALTY`` for a
+    real key, still ``-_PAD_PENALTY`` for padding.
+    """
+    s = _dot(q, k, (1, 1))
+    if bias_ref is None:
+        return s
+    bias = bias_ref[pl.ds(j * cfg.block_kv, cfg.block_kv)][None, :]
+    if cfg.causal:
+        rows = scalars_ref[0] + i * cfg.block_q + jnp.arange(cfg.block_q)
+        cols = scalars_ref[1] + j * cfg.block_kv + jnp.arange(cfg.block_kv)
+        hidden = jnp.minimum(bias, -MASK_PENALTY)
+        bias = jnp.where(cols[None, :] <= rows[:, None], bias, hidden)
+    return s + bias
+
+
+def _forward_kernel(*refs, cfg: TileConfig, has_bias: bool) -> None:
+    """One ``(batch, query tile)``: the online softmax over key tiles ``[0, kv_stop[i])``.
+
+    Refs: ``scalars [4]`` (see :class:`_Padded`), ``kv_stop [n_q]``, ``q [bq, dp]``,
+    ``k [Tv_pad, dp]``, ``v [Tv_pad, dvp]``, the bias ``[Tv_pad]`` if any; then the outputs
+    ``m``, ``denom [bq]`` and ``acc [bq, dvp]`` (float32).
+    """
+    scalars_ref, stop_ref, q_ref, k_ref, v_ref = refs[:5]
+    bias_ref = refs[5] if has_bias else None
+    m_ref, denom_ref, acc_ref = refs[-3:]
+    i = pl.program_id(1)
+    q = q_ref[...]
+
+    def body(j, carry):
+        m, denom, acc = carry
+        keys = pl.ds(j * cfg.block_kv, cfg.block_kv)
+        s = _tile_scores(cfg, q, k_ref[keys, :], bias_ref, scalars_ref, i, j)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[:, None])
+        alpha = jnp.exp(m - m_new)
+        v = v_ref[keys, :]
+        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, (1, 0))
+        return m_new, alpha * denom + p.sum(-1), acc
+
+    zero = jnp.zeros((cfg.block_q,), jnp.float32)
+    init = (zero - jnp.inf, zero, jnp.zeros(acc_ref.shape, jnp.float32))
+    m, denom, acc = jax.lax.fori_loop(0, stop_ref[i], body, init)
+    m_ref[...], denom_ref[...], acc_ref[...] = m, denom, acc
+
+
+def _tile(a: jax.Array | jax.ShapeDtypeStruct, block: int) -> tuple:
+    """``(a, spec)``: tile ``t`` (``block`` rows) of batch ``b`` of ``a [B, T(, D)]`` on the
+    ``(b, t)`` grid."""
+    rest = (0,) * (len(a.shape) - 2)
+    return a, pl.BlockSpec((None, block, *a.shape[2:]), lambda b, t: (b, t, *rest))
+
+
+def _whole(a: jax.Array) -> tuple:
+    """``(a, spec)``: all of batch ``b`` of ``a [B, T(, D)]``, or all of a 1-D ``a``
+    (offsets, schedule: read by scalar loads)."""
+    if a.ndim == 1:
+        return a, pl.BlockSpec(a.shape, lambda b, t: (0,))
+    rest = (0,) * (a.ndim - 1)
+    return a, pl.BlockSpec((None, *a.shape[1:]), lambda b, t: (b, *rest))
+
+
+def _f32(*shape: int) -> jax.ShapeDtypeStruct:
+    """A float32 output of ``shape``."""
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+class _Padded(NamedTuple):
+    """The operands as the kernels read them: padded to whole tiles and power-of-two depths.
+
+    Attributes:
+      q: ``[B, Tq_pad, dp]``; k: ``[B, Tv_pad, dp]``; v: ``[B, Tv_pad, dvp]``.
+      bias: ``[B or 1, Tv_pad]`` float32 key bias or ``None`` (see :func:`_key_bias`).
+      scalars: int32 ``[4]``: the query and key offsets, ``n_full`` and 0.
+      kv_stop: int32 ``[n_q]``; q_start: int32 ``[n_kv]`` (with ``n_full``, the blocked
+        kernel's :func:`~.blocked.schedule`).
+      interpret: run the kernels in the Pallas interpreter instead of compiling them.
+    """
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    bias: jax.Array | None
+    scalars: jax.Array
+    kv_stop: jax.Array
+    q_start: jax.Array
+    interpret: bool
+
+
+def _padded(cfg: TileConfig, ops: Operands, interpret: bool) -> _Padded:
+    """Pads and schedules ``ops`` for the kernels (see :class:`_Padded`).
+
+    Raises:
+      TypeError: for operands Triton's dot does not take here (e.g. float64).
+    """
+    for name, x in (("query", ops.q), ("key", ops.k), ("value", ops.v)):
+        if jnp.dtype(x.dtype).name not in _OPERAND_DTYPES:
+            raise TypeError(
+                f"The Pallas GPU kernel takes {_OPERAND_DTYPES}. Got {name}.dtype={x.dtype}"
+            )
+    tq, tv = cfg.n_q * cfg.block_q, cfg.n_kv * cfg.block_kv
+    dp, dvp = _padded_pow2(ops.q.shape[-1]), _padded_pow2(ops.v.shape[-1])
+    sched = schedule(cfg, ops.value_mask, ops.offsets)
+    return _Padded(
+        q=_pad(ops.q, tq, dp),
+        k=_pad(ops.k, tv, dp),
+        v=_pad(ops.v, tv, dvp),
+        bias=_key_bias(cfg, ops.value_mask, tv),
+        scalars=jnp.stack([*ops.offsets, sched.n_full, 0]).astype(jnp.int32),
+        kv_stop=sched.kv_stop.astype(jnp.int32),
+        q_start=sched.q_start.astype(jnp.int32),
+        interpret=interpret,
+    )
+
+
+def _call(
+    kernel, cfg: TileConfig, x: _Padded, tiles: int, inputs: list, outputs: list, name: str
+) -> list[jax.Array]:
+    """``pl.pallas_call`` of ``kernel`` on the ``(B, tiles)`` grid with Triton settings.
+
+    ``inputs`` and ``outputs`` are ``(array or ShapeDtypeStruct, BlockSpec)`` pairs; the
+    kernel gets ``x.scalars`` first and the bias (row ``b``, or row 0 of a shared one) last.
+    """
+    inputs = [_whole(x.scalars), *inputs]
+    warps = 4 if cfg.block_q * cfg.block_kv <= 64 * 64 else 8
+    if x.bias is not None:
+        shared = x.bias.shape[0] == 1
+        spec = pl.BlockSpec((None, x.bias.shape[1]), lambda b, t: (0 if shared else b, 0))
+        inputs.append((x.bias, spec))
+    return pl.pallas_call(
+        functools.partial(kernel, cfg=cfg, has_bias=x.bias is not None),
+        grid=(x.q.shape[0], tiles),
+        in_specs=[spec for _, spec in inputs],
+        out_specs=[spec for _, spec in outputs],
+        out_shape=[shape for shape, _ in outputs],
+        # Triton (not Mosaic GPU): 4 warps for tiles up to 64 x 64, 8 above.
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=_NUM_STAGES),
+        interpret=x.interpret,
+        name=name,
+    )(*(array for array, _ in inputs))
+
+
+def forward(cfg: TileConfig, ops: Operands, *, interpret: bool = False) -> SoftmaxState:
+    """The online-softmax state of every query row: ``m``, ``denom`` ``[B, Tq]`` and the
+    unnormalised ``acc`` ``[B, Tq, dim_v]``, float32. ``interpret``: run in the Pallas
+    interpreter (CPUs, tests) instead of compiling with Triton.
+    """
+    x = _padded(cfg, ops, interpret)
+    (batch, tq, _), bq = x.q.shape, cfg.block_q
+    m, denom, acc = _call(
+        _forward_kernel,
+        cfg,
+        x,
+        cfg.n_q,
+        [_whole(x.kv_stop), _tile(x.q, bq), _whole(x.k), _whole(x.v)],
+        [
+            _tile(_f32(batch, tq), bq),
+            _tile(_f32(batch, tq), bq),
+            _tile(_f32(batch, tq, x.v.shape[-1]), bq),
+        ],
+        "luong_pallas_gpu_forward",
+    )
+    n, dim_v = cfg.q_length, ops.v.shape[-1]
+    return SoftmaxState(m[:, :n], denom[:, :n], acc[:, :n, :dim_v])
+
+
+def _weights(s: jax.Array, m: jax.Array, denom: jax.Array) -> jax.Array:
+    """``p = exp(s - m) / denom`` ``[bq, bk]`` from the rows' final statistics ``[bq]``."""
+    return jnp.exp(s - m[:, None]) * (1.0 / denom)[:, None]
+
+
+def _dkdv_kernel(*refs, cfg: TileConfig, has_bias: bool) -> None:
+    """One ``(batch, key tile j)``: ``dk``, ``dv`` ``[bk, dp/dvp]`` summed over the query
+    tiles that see it, ``[0, min(n_full, q_start[j]))`` and ``[q_start[j], n_q)``.
+
+    Refs: ``scalars``, ``q_start [n_kv]``; ``q [Tq_pad, dp]``; the tile's ``k``
+    and ``v``; ``do [Tq_pad, dvp]``, ``m``, ``denom``, ``delta [Tq_pad]``; the bias if any;
+    then the outputs ``dk``, ``dv``.
+    """
+    scalars_ref, q_start_ref, q_ref, k_ref, v_ref, do_ref, m_ref, denom_ref, delta_ref = refs[:9]
+    bias_ref = refs[9] if has_bias else None
+    dk_ref, dv_ref = refs[-2:]
+    j = pl.program_id(1)
+    k, v = k_ref[...], v_ref[...]
+    start = q_start_ref[j]
+    head = jnp.minimum(scalars_ref[2], start)
+
+    def body(t, carry):
+        dk, dv = carry
+        i = jnp.where(t < head, t, start + t - head)
+        rows = pl.ds(i * cfg.block_q, cfg.block_q)
+        q, do = q_ref[rows, :], do_ref[rows, :]
+        s = _tile_scores(cfg, q, k, bias_ref, scalars_ref, i, j)
+        p = _weights(s, m_ref[rows], denom_ref[rows])
+        dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
+        ds = p * (_dot(do, v, (1, 1)) - delta_ref[rows][:, None])
+        return dk + _dot(ds.astype(q.dtype), q, (0, 0)), dv
+
+    init = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
+    dk, dv = jax.lax.fori_loop(0, head + cfg.n_q - start, body, init)
+    dk_ref[...], dv_ref[...] = dk.astype(dk_ref.dtype), dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(*refs, cfg: TileConfig, has_bias: bool) -> None:
+    """One ``(batch, query tile i)``: ``dq [bq, dp]`` summed over key tiles ``[0, kv_stop[i])``.
+
+    Refs: ``scalars``, ``kv_stop [n_q]``; the tile's ``q``; ``k``, ``v`` whole; the tile's
+    ``do``, ``m``, ``denom``, ``delta``; the bias if any; then the output ``dq``.
+    """
+    scalars_ref, stop_ref, q_ref, k_ref, v_ref, do_ref, m_ref, denom_ref, delta_ref = refs[:9]
+    bias_ref = refs[9] if has_bias else None
+    dq_ref = refs[-1]
+    i = pl.program_id(1)
+    q, do = q_ref[...], do_ref[...]
+    m, denom, delta = m_ref[...], denom_ref[...], delta_ref[...]
+
+    def body(j, dq):
+        keys = pl.ds(j * cfg.block_kv, cfg.block_kv)
+        k, v = k_ref[keys, :], v_ref[keys, :]
+        p = _weights(_tile_scores(cfg, q, k, bias_ref, scalars_ref, i, j), m, denom)
+        ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k, (1, 0))
+
+    dq = jax.lax.fori_loop(0, stop_ref[i], body, jnp.zeros(dq_ref.shape, jnp.float32))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def backward(
+    cfg: TileConfig,
+    ops: Operands,
+    stats: RowStats,
+    d_out: jax.Array,
+    d_lse: jax.Array,
+    *,
+    interpret: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Gradients ``(dq, dk, dv, dweight)`` from the rows' final statistics (FlashAttention-2).
+
+    ``cfg``, ``ops``, ``interpret`` as the forward's; ``stats``: the rows' output ``[B, Tq,
+    dim_v]``, final max and denominator ``[B, Tq]``; ``d_out [B, Tq, dim_v]`` and ``d_lse
+    [B, Tq]``: the cotangents. ``dq``, ``dk``, ``dv`` come in the operands' dtypes
+    (accumulated in float32), ``dweight`` is 0 (``"dot"`` has no concat weight).
+    """
+    x = _padded(cfg, ops, interpret)
+    tq, dvp = x.q.shape[1], x.v.shape[-1]
+    # d lse / d s = p, so the lse cotangent enters as a shift of the usual row term.
+    delta = (d_out.astype(jnp.float32) * stats.out.astype(jnp.float32)).sum(-1) - d_lse
+    row_stats = (
+        _pad(stats.m.astype(jnp.float32), tq, fill=jnp.inf),  # padded rows: weight 0
+        _pad(stats.denom.astype(jnp.float32), tq, fill=1.0),
+        _pad(delta.astype(jnp.float32), tq),
+    )
+    # dO meets v and p in the matmuls: in the operand dtype, as the inputs.
+    do = _pad(d_out.astype(ops.v.dtype), tq, dvp)
+    bq, bk = cfg.block_q, cfg.block_kv
+    dk, dv = _call(
+        _dkdv_kernel,
+        cfg,
+        x,
+        cfg.n_kv,
+        [
+            *map(_whole, (x.q_start, x.q)),
+            *(_tile(a, bk) for a in (x.k, x.v)),
+            *map(_whole, (do, *row_stats)),
+        ],
+        [_tile(jax.ShapeDtypeStruct(a.shape, a.dtype), bk) for a in (x.k, x.v)],
+        "luong_pallas_gpu_dkdv",
+    )
+    (dq,) = _call(
+        _dq_kernel,
+        cfg,
+        x,
+        cfg.n_q,
+        [
+            _whole(x.kv_stop),
+            _tile(x.q, bq),
+            *map(_whole, (x.k, x.v)),
+            *(_tile(a, bq) for a in (do, *row_stats)),
+        ],
+        [_tile(jax.ShapeDtypeStruct(x.q.shape, x.q.dtype), bq)],
+        "luong_pallas_gpu_dq",
+    )
+    depth, dim_v = ops.q.shape[-1], ops.v.shape[-1]
+    return (
+        dq[:, : cfg.q_length, :depth],
+        dk[:, : cfg.kv_length, :depth],
+        dv[:, : cfg.kv_length, :dim_v],
+        jnp.zeros((), ops.weight.dtype),
+    )
+
+
+KERNEL = Kernel(
+    name="pallas_gpu",
+    config=config,
+    forward=forward,
+    backward=backward,
+    schedule=schedule,
+    dropout_multiplier=dropout_multiplier,
+)
+"""The Triton kernel, compiled (GPUs; from a CPU it can be lowered, not run)."""
+
+INTERPRET_KERNEL = KERNEL._replace(
+    name="pallas_gpu_interpret",
+    forward=functools.partial(forward, interpret=True),
+    backward=functools.partial(backward, interpret=True),
+)
+"""The same kernel in the Pallas interpreter: runs anywhere (CPUs, tests), slowly."""
