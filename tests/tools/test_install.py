@@ -110,3 +110,15 @@ def _extra(name: str) -> set[str]:
 @pytest.mark.parametrize("extra", sorted(cli.EXTRA_PACKAGES))
 def test_the_command_lines_extras_are_pyprojects(extra):
     assert set(cli.EXTRA_PACKAGES[extra]) == _extra(extra)
+
+
+def test_the_long_description_links_absolutely_and_names_real_extras():
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    readme = re.search(r'^readme = "([^"]+)"', pyproject, flags=re.M).group(1)
+    text = (ROOT / readme).read_text()
+    # A package index shows the page away from the repository: relative links break there.
+    targets = re.findall(r"\]\(([^)]*)\)", text) + re.findall(r'(?:src|href)="([^"]*)"', text)
+    assert all(target.startswith("https://") for target in targets), targets
+    for extras in re.findall(r"luong-attention\[([\w,]+)\]", text):
+        for extra in extras.split(","):
+            assert _extra(extra), extra
