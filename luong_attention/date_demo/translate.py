@@ -6,9 +6,11 @@ answer's characters, and the least sure character's probability) and the alignme
 input character, darker characters for more attention. It warns when the answer is not a real
 calendar date or the confidence is low; ``--json`` prints one JSON object per text instead.
 
-Texts come from the arguments or, when there are none, one per line from standard input.
-An empty text, a text longer than the model was trained to read and a missing or unreadable
-checkpoint are user errors: one line on stderr, exit status 2.
+Texts come from the arguments or, when there are none (or for ``-``), one per line from
+standard input, where blank lines are skipped; every text is stripped of surrounding spaces.
+``--checkpoint`` takes the folder the demo wrote or the checkpoint file in it. An empty text,
+a text longer than the model was trained to read and a missing or unreadable checkpoint are
+user errors: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -92,13 +94,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "texts",
         nargs="*",
         metavar="TEXT",
-        help='written dates, e.g. "Mittwoch, 25. Nov. 26"; none: one per line from stdin',
+        help='written dates, e.g. "Mittwoch, 25. Nov. 26"; none or "-": one per line from '
+        "stdin (blank lines skipped); surrounding spaces are stripped",
     )
     parser.add_argument(
         "--checkpoint",
         type=Path,
         default=Path("luong_attention_out"),
-        help="folder written by `luong-attention demo --out` (default luong_attention_out)",
+        help="folder written by `luong-attention demo --out`, or the checkpoint.msgpack in it "
+        "(default luong_attention_out)",
     )
     parser.add_argument(
         "--json",
@@ -114,13 +118,13 @@ def run(args: argparse.Namespace) -> None:
     Raises:
       argparse.ArgumentError: for no text, a bad text or a missing or unreadable checkpoint.
     """
-    texts = args.texts or _stdin_lines()
+    texts = _texts(args.texts)
     if not texts:
         raise argparse.ArgumentError(
             None, "no text to translate: give TEXT arguments or pipe one text per line to stdin"
         )
     try:
-        results = translate(texts, args.checkpoint)
+        results = translate(texts, checkpoint_folder(args.checkpoint))
     except (InputError, FileNotFoundError, seq2seq.CheckpointError) as error:
         raise argparse.ArgumentError(None, str(error)) from None
     for index, result in enumerate(results):
@@ -130,11 +134,32 @@ def run(args: argparse.Namespace) -> None:
             print(("\n" if index else "") + format_translation(result))
 
 
-def _stdin_lines() -> list[str]:
-    """Standard input's lines, or none when it is a terminal (nothing was piped)."""
-    if sys.stdin is None or sys.stdin.isatty():
-        return []
-    return sys.stdin.read().splitlines()
+def _texts(arguments: Sequence[str]) -> list[str]:
+    """The texts to translate, stripped: the arguments, where ``-`` stands for stdin's lines.
+
+    Without arguments, stdin's lines, unless it is a terminal (nothing was piped). Blank stdin
+    lines are skipped; a blank argument is kept (and rejected as empty by :func:`translate`).
+    """
+    if not arguments:
+        arguments = [] if sys.stdin is None or sys.stdin.isatty() else ["-"]
+    texts = []
+    for argument in arguments:
+        texts += _stdin_texts() if argument == "-" else [argument.strip()]
+    return texts
+
+
+def _stdin_texts() -> list[str]:
+    """Standard input's lines that are not blank, stripped."""
+    lines = sys.stdin.read().splitlines() if sys.stdin is not None else []
+    return [line.strip() for line in lines if line.strip()]
+
+
+def checkpoint_folder(path: Path) -> Path:
+    """The folder of a checkpoint: ``path``, or its parent when ``path`` names the checkpoint
+    file (``.../checkpoint.msgpack``, the path ``luong-attention demo`` prints)."""
+    if path.name == seq2seq.CHECKPOINT_FILE and not path.is_dir():
+        return path.parent
+    return path
 
 
 def translate(texts: Sequence[str], checkpoint: Path) -> list[Translation]:

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from luong_attention import attention, select_implementation
+from luong_attention.date_demo import arguments
 
 IMPLS = ("ours", "ours-xla", "ours-blocked", "keras", "jax.nn", "torch")
 # The peers of the "ours / best peer" ratio (the issue's targets); torch gets its own ratio.
@@ -56,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Registers the bench's flags."""
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a few seconds")
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder")
-    parser.add_argument("--repeats", type=int, default=None, help="timed calls per impl")
+    parser.add_argument(
+        "--repeats", type=arguments.positive_int, default=None, help="timed calls per impl"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the child processes")
     parser.add_argument(
         "--only", default=None, help="run only the rows with this tag (e.g. bfloat16, causal)"
@@ -529,12 +532,13 @@ def run(args: argparse.Namespace) -> None:
         return
     from tqdm import tqdm
 
+    arguments.check_writable(args.out, "--out")
     os.environ.setdefault("KERAS_BACKEND", "jax")
     rows = _rows(args.quick)
     if args.only:
         chosen = [row for row in rows if args.only in row["tags"]]
         if not chosen:
-            raise SystemExit(f"bench: no row is tagged {args.only!r}")
+            raise argparse.ArgumentError(None, f"--only {args.only}: no row has this tag")
         # Half-precision rows bring their float32 twins: the speed-up is a same-run ratio.
         twins = {_shape_key(row) for row in chosen if row["dtype"] != "float32"}
         rows = [

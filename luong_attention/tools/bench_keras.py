@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from luong_attention.date_demo import arguments
 from luong_attention.tools import bench
 
 IMPLS = ("ours", "keras")
@@ -42,10 +43,16 @@ VOCAB, CLASSES = 1000, 2
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Registers the benchmark's flags."""
-    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768])
-    parser.add_argument("--batch", type=int, default=1, help="sequences per step")
-    parser.add_argument("--dim", type=int, default=64, help="embedding size (attention depth)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per impl")
+    parser.add_argument("--lengths", type=arguments.positive_int, nargs="+", default=[8192, 32768])
+    parser.add_argument(
+        "--batch", type=arguments.positive_int, default=1, help="sequences per step"
+    )
+    parser.add_argument(
+        "--dim", type=arguments.positive_int, default=64, help="embedding size (attention depth)"
+    )
+    parser.add_argument(
+        "--repeats", type=arguments.positive_int, default=5, help="timed steps per impl"
+    )
     parser.add_argument("--quick", action="store_true", help="T=1024, dim 16, 2 repeats")
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -161,11 +168,11 @@ def run(args: argparse.Namespace) -> None:
     if args.child:
         _child_step(json.loads(args.child))
         return
+    arguments.check_writable(args.out, "--out")
     os.environ.setdefault("KERAS_BACKEND", "jax")
     lengths, dim, repeats = args.lengths, args.dim, args.repeats
     if args.quick:
         lengths, dim, repeats = [1024], 16, 2
-    args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for length in lengths:
         rows.append(measure(length, args.batch, dim, repeats))

@@ -36,8 +36,11 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+from luong_attention.date_demo import arguments
 
 MIB = 2**20
 STRATEGIES = {
@@ -56,9 +59,11 @@ _SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Registers the benchmark's flags."""
-    parser.add_argument("--length", type=int, default=8192, help="Tq = Tv")
-    parser.add_argument("--depth", type=int, default=64, help="query/key/value depth")
-    parser.add_argument("--devices", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--length", type=arguments.positive_int, default=8192, help="Tq = Tv")
+    parser.add_argument(
+        "--depth", type=arguments.positive_int, default=64, help="query/key/value depth"
+    )
+    parser.add_argument("--devices", type=arguments.positive_int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument(
         "--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES)
     )
@@ -70,10 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--score-mode", choices=["dot", "concat"], default="dot")
     parser.add_argument("--value-mask", action="store_true", help="mask the last tenth of the keys")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per measurement")
+    parser.add_argument(
+        "--repeats", type=arguments.positive_int, default=3, help="timed calls per measurement"
+    )
     parser.add_argument("--quick", action="store_true", help="length 2048, 1 repeat")
-    parser.add_argument("--json", type=str, default=None, help="also write the rows here")
-    parser.add_argument("--plot", type=str, default=None, help="also plot memory to this PNG")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument("--plot", type=Path, default=None, help="also plot memory to this PNG")
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-strategy", default="ring", help=argparse.SUPPRESS)
 
@@ -313,7 +320,7 @@ def format_balance(length: int, devices: list[int]) -> str:
     return "\n".join(lines)
 
 
-def plot_memory(rows: list[dict], path: str) -> None:
+def plot_memory(rows: list[dict], path: Path) -> None:
     """Per-device memory against devices, one line per strategy, and the ideal ``1/n``."""
     import matplotlib
 
@@ -358,6 +365,9 @@ def run(args: argparse.Namespace) -> None:
         )
         print(json.dumps(row))
         return
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            arguments.check_writable(path.parent, flag)
     masked = ", last tenth of the keys masked" if args.value_mask else ""
     print(
         f"sequence-parallel {args.score_mode} attention, causal{masked}, batch 1, "

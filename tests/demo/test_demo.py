@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import matplotlib
 import numpy as np
 import pytest
 
-from luong_attention.date_demo import dates, seq2seq
+from luong_attention.date_demo import dates, seq2seq, train
 from luong_attention.date_demo.plotting import plot_attention
 from luong_attention.date_demo.translate import (
     InputError,
@@ -126,10 +127,13 @@ def test_demo_quick_then_translate(tmp_path, capsys):
     for fmt in dates.FORMATS:
         assert fmt.name in printed
     assert "wall time" in printed
+    assert printed.splitlines()[-1] == train.QUICK_NOTE
 
     assert json.loads((out / "config.json").read_text())["model"]["max_source_length"] == 40
 
-    cli.main(["translate", "Mittwoch, 25. Nov. 26", "--checkpoint", str(out)])
+    # translate takes the checkpoint file the demo printed as well as its folder.
+    (checkpoint,) = re.findall(r"^checkpoint: (\S+)", printed, flags=re.M)
+    cli.main(["translate", "Mittwoch, 25. Nov. 26", "--checkpoint", checkpoint])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "input : Mittwoch, 25. Nov. 26"
     answer = lines[1].removeprefix("output: ")

@@ -1,4 +1,4 @@
-"""Every Python example in the README and in the documentation pages (docs/) runs as written.
+"""Every Python example in the READMEs and in the documentation pages (docs/) runs as written.
 
 One exception, by design: the multi-host example (docs/multi-device.md) needs two cooperating
 processes; the same code runs in ``tests/library/parallel/multihost_worker.py`` (two processes,
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "README.pypi.md", *sorted((ROOT / "docs").rglob("*.md"))]
 LUONG_PAGE = ROOT / "docs" / "luong.md"
 MULTI_PROCESS = "# run once per process"
 
@@ -34,6 +34,7 @@ EXAMPLES = {
 def test_the_pages_have_examples():
     for page, count in [
         ("README.md", 2),
+        ("README.pypi.md", 1),
         ("docs/keras.md", 1),
         ("docs/luong.md", 5),
         ("docs/performance.md", 1),

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from luong_attention.date_demo import dates, seq2seq
+from luong_attention.date_demo import dates, seq2seq, translate
 from luong_attention.date_demo.plotting import plot_attention
 from luong_attention.tools import cli
 
@@ -107,6 +107,9 @@ SCRIPT_ERRORS = [
     ),
     (["translate", "25/11/2026", "--checkpoint", "{missing}"], "", ["not found", "demo --out"]),
     (["translate", "25/11/2026", "--checkpoint", "{damaged}"], "", ["not a readable checkpoint"]),
+    (["translate", "--bogus", "x"], "", ["luong-attention translate: error: ", "--bogus"]),
+    (["bench", "--repeats", "0"], "", ["luong-attention bench: error: ", "--repeats"]),
+    (["bench-keras", "--out", "{file}/sub"], "", ["--out", "cannot write"]),
 ]
 
 
@@ -137,9 +140,23 @@ MAIN_ERRORS = [
     (["demo", "--learning-rate", "inf"], "", ["--learning-rate", "positive"]),
     (["demo", "--seed", "-1"], "", ["--seed", "at least 0"]),
     (["demo", "--out", "{file}"], "", ["--out", "cannot write"]),
-    (["translate", "--checkpoint", "{model}"], "25/11/2026\n\nnov 2026\n", ["text 2 is empty"]),
+    (["translate", "25/11/2026", "  ", "--checkpoint", "{model}"], "", ["text 2 is empty"]),
     (["translate", "--checkpoint", "{model}"], "", ["no text"]),
+    (["translate", "-", "--checkpoint", "{model}"], " \n\n", ["no text"]),
+    (["translate", "25/11/2026", "--checkpoint", "{model}/x.msgpack"], "", ["not found"]),
+    (["demo", "--bogus"], "", ["luong-attention demo: error: ", "--bogus"]),
+    (["bench", "--only", "nothing", "--out", "{missing}"], "", ["--only nothing", "no row"]),
+    (["bench", "--out", "{file}"], "", ["--out", "cannot write"]),
+    (["bench-parallel", "--length", "-4"], "", ["--length", "at least 1", "-4"]),
+    (["bench-parallel", "--devices", "1", "0"], "", ["--devices", "at least 1"]),
+    (["bench-parallel", "--depth", "0"], "", ["--depth", "at least 1"]),
     (["bench-parallel", "--repeats", "many"], "", ["--repeats", "'many'"]),
+    (["bench-parallel", "--json", "{file}/rows.json"], "", ["--json", "cannot write"]),
+    (["bench-parallel", "--plot", "{file}/sub/m.png"], "", ["--plot", "cannot write"]),
+    (["bench-keras", "--lengths", "1024", "0"], "", ["--lengths", "at least 1"]),
+    (["bench-keras", "--batch", "0"], "", ["--batch", "at least 1"]),
+    (["bench-keras", "--dim", "x"], "", ["--dim", "integer"]),
+    (["bench-keras", "--repeats", "0"], "", ["--repeats", "at least 1"]),
     (["no-such-command"], "", ["invalid choice", "'no-such-command'"]),
 ]
 
@@ -188,6 +205,27 @@ def test_translate_batch_json_from_arguments_and_stdin(checkpoint):
         assert weights.shape == (dates.TARGET_LENGTH, len(row["input"]))
         np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-3)
     assert rows[2]["unknown_characters"] == "¿?"  # not in any format's alphabet
+
+
+def test_translate_reads_stdin_for_dash_skips_blank_lines_and_takes_the_checkpoint_file(
+    checkpoint,
+):
+    texts = ["25/11/2026", "le 1er mars 1999"]
+    stdin = f"  {texts[0]}\t\n\n   \n{texts[1]}  \n"
+    result = _run(
+        "translate",
+        "-",
+        "--checkpoint",
+        str(checkpoint / "checkpoint.msgpack"),
+        "--json",
+        stdin=stdin,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row["input"] for row in rows] == texts
+    expected = translate.translate(texts, checkpoint)
+    assert [row["output"] for row in rows] == [t.answer for t in expected]
+    assert [row["mean_log_prob"] for row in rows] == [round(t.confidence, 6) for t in expected]
 
 
 def test_plot_attention_rejects_non_matrix():
