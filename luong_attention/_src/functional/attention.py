@@ -9,7 +9,6 @@ import functools
 import math
 from typing import Literal, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
@@ -248,11 +247,19 @@ def attention(
     )
     output = apply_query_mask(output, query_mask).astype(dtype)
     batch_shape = output.shape[:-2]
-    chex.assert_shape(output, (*batch_shape, query.shape[-2], value.shape[-1]))
+    _assert_shape(output, (*batch_shape, query.shape[-2], value.shape[-1]))
     if return_attention_scores:
-        chex.assert_shape(weights, (*batch_shape, query.shape[-2], key.shape[-2]))
+        _assert_shape(weights, (*batch_shape, query.shape[-2], key.shape[-2]))
         return output, weights.astype(dtype)
     return output
+
+
+def _assert_shape(x: jax.Array, shape: tuple[int, ...]) -> None:
+    """``chex.assert_shape``, imported on first use: at trace time only, and chex stays out
+    of ``import luong_attention``."""
+    import chex
+
+    chex.assert_shape(x, shape)
 
 
 class _Settings(NamedTuple):
