@@ -190,6 +190,15 @@ def sequence_parallel_attention(
     return apply_query_mask(output, query_mask).astype(dtype)
 
 
+def step_kernel(score_mode: str) -> str:
+    """The kernel each device runs per block: the backend's Pallas kernel for ``"dot"`` on a
+    GPU or a TPU (as :func:`attention` with ``implementation=None``), else the blocked one."""
+    backend = jax.default_backend()
+    if score_mode == "dot" and backend in ("gpu", "tpu"):
+        return f"pallas_{backend}"
+    return "blocked"
+
+
 def _run(
     query: jax.Array,
     value: jax.Array,
@@ -226,6 +235,7 @@ def _run(
         kv_length=kv_length,
         score_mode=split.scores.mode,
         causal=bool(split.use_causal_mask),
+        kernel=step_kernel(split.scores.mode),
     )
     shards = ring_attention_shards if ring else replicated_attention_shards
     mask_batch = () if value_mask is None else value_mask.shape[:-1]

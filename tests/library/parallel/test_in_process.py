@@ -17,7 +17,7 @@ import pytest
 
 import luong_attention as la
 from luong_attention import parallel as lap
-from luong_attention._src.parallel import blocks
+from luong_attention._src.parallel import blocks, sequence
 from luong_attention._src.parallel.blocks import Plan
 from luong_attention._src.parallel.replicated import replicated_attention_shards
 from luong_attention._src.parallel.ring import ring_attention_shards
@@ -62,11 +62,13 @@ def _join(x: jax.Array, devices: int, parts: int, length: int) -> jax.Array:
     return x[:, :length]
 
 
-def _ring(score_mode, causal, devices, parts, query, key, value, value_mask, cotangent):
+def _ring(
+    score_mode, causal, devices, parts, query, key, value, value_mask, cotangent, kernel="blocked"
+):
     """Output and (query, key, value, scale, weight) gradients of the ring, vmapped."""
     q_length, kv_length = query.shape[1], key.shape[1]
     q_chunk, kv_chunk = (-(-t // (devices * parts)) for t in (q_length, kv_length))
-    plan = Plan(AXIS, devices, parts, q_chunk, kv_chunk, kv_length, score_mode, causal)
+    plan = Plan(AXIS, devices, parts, q_chunk, kv_chunk, kv_length, score_mode, causal, kernel)
     q_pad, kv_pad = devices * parts * q_chunk, devices * parts * kv_chunk
     shards = (
         _split(query, devices, parts, q_pad, 1),
@@ -92,11 +94,13 @@ def _ring(score_mode, causal, devices, parts, query, key, value, value_mask, cot
     return out, (dq, dk, dv, dscale.sum(), dweight.sum())
 
 
-def _replicated(score_mode, causal, devices, query, key, value, value_mask, cotangent):
+def _replicated(
+    score_mode, causal, devices, query, key, value, value_mask, cotangent, kernel="blocked"
+):
     """The same for replicated queries (every device holds all queries)."""
     q_length, kv_length = query.shape[1], key.shape[1]
     kv_chunk = -(-kv_length // devices)
-    plan = Plan(AXIS, devices, 1, q_length, kv_chunk, kv_length, score_mode, causal)
+    plan = Plan(AXIS, devices, 1, q_length, kv_chunk, kv_length, score_mode, causal, kernel)
     kv_pad = devices * kv_chunk
     key, value, mask = (_split(x, devices, 1, kv_pad, 1) for x in (key, value, value_mask))
 
@@ -209,3 +213,29 @@ def test_fully_masked_rows_in_several_chunks(monkeypatch, strategy, score_mode):
     if score_mode == "dot":
         assert np.abs(want[0][0] - value[0].mean(0)).max() > 1e-2  # really not the plain mean
     _assert_close(got, want)
+
+
+# An accelerator kernel as each step's kernel (what the strategies pick on GPUs and TPUs:
+# sequence.step_kernel): the Pallas GPU kernel, interpreted. (The TPU kernel's interpret mode
+# has IO effects, which vmap cannot batch under the strategies' lax.cond, and it aborts under
+# shard_map on host devices; its ring-style use, key blocks merged and the backward from
+# merged statistics, is tested in tests/library/kernels/test_pallas_tpu.py.)
+@pytest.mark.parametrize("strategy", ["ring", "replicated"])
+def test_strategies_run_the_pallas_gpu_kernel(strategy):
+    """Causal "dot" with a fully masked row and padding keys (11 keys on 2 devices)."""
+    arrays = _inputs(2, 6, 11, seed=7)
+    kernel = "pallas_gpu_interpret"
+    if strategy == "ring":
+        got = _ring("dot", True, 2, 1, *arrays, kernel=kernel)
+    else:
+        got = _replicated("dot", True, 2, *arrays, kernel=kernel)
+    _assert_close(got, _core("dot", True, *arrays))
+
+
+@pytest.mark.parametrize(
+    ("backend", "kernel"), [("cpu", "blocked"), ("gpu", "pallas_gpu"), ("tpu", "pallas_tpu")]
+)
+def test_each_step_runs_the_backends_kernel(monkeypatch, backend, kernel):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert sequence.step_kernel("dot") == kernel
+    assert sequence.step_kernel("concat") == "blocked"
