@@ -33,13 +33,15 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
 LOW_PRECISION_TOL = {"bfloat16": 2.0**-6, "float16": 2.0**-9}
 # (score_mode, mask kind, causal): masks "none", "lengths" (right padding) and "full" (the
 # first example fully masked).
+# The default run keeps one masked causal case per mode; the rest run with `pytest -m slow`.
+_SLOW = pytest.mark.slow
 CASES = [
-    ("dot", "none", False),
-    ("dot", "lengths", False),
+    pytest.param("dot", "none", False, marks=_SLOW),
+    pytest.param("dot", "lengths", False, marks=_SLOW),
     ("dot", "lengths", True),
-    ("dot", "full", False),
+    pytest.param("dot", "full", False, marks=_SLOW),
     ("concat", "lengths", True),
-    ("concat", "none", False),
+    pytest.param("concat", "none", False, marks=_SLOW),
 ]
 
 
