@@ -1,18 +1,21 @@
-"""The kernels by name: the one place outside a kernel's module that knows it exists."""
+"""The kernels by name: the one place outside a kernel's module that knows it exists.
+
+A kernel's module is imported when the kernel is first asked for, so ``import
+luong_attention`` does not import Pallas (about 0.1 s) unless a Pallas kernel is used.
+"""
 
 from __future__ import annotations
 
-from luong_attention._src.kernels import blocked, pallas_gpu, pallas_tpu
+import importlib
+
 from luong_attention._src.kernels.api import Kernel
 
-KERNELS: dict[str, Kernel] = {
-    kernel.name: kernel
-    for kernel in (
-        blocked.KERNEL,
-        pallas_gpu.KERNEL,
-        pallas_gpu.INTERPRET_KERNEL,
-        pallas_tpu.KERNEL,
-    )
+# name -> (module in luong_attention._src.kernels, attribute holding the Kernel)
+KERNELS: dict[str, tuple[str, str]] = {
+    "blocked": ("blocked", "KERNEL"),
+    "pallas_gpu": ("pallas_gpu", "KERNEL"),
+    "pallas_gpu_interpret": ("pallas_gpu", "INTERPRET_KERNEL"),
+    "pallas_tpu": ("pallas_tpu", "KERNEL"),
 }
 
 
@@ -24,4 +27,5 @@ def get_kernel(name: str = "blocked") -> Kernel:
     """
     if name not in KERNELS:
         raise ValueError(f"kernel must be one of {sorted(KERNELS)}. Received: {name!r}")
-    return KERNELS[name]
+    module, attribute = KERNELS[name]
+    return getattr(importlib.import_module(f"luong_attention._src.kernels.{module}"), attribute)
