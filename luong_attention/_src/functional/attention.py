@@ -169,7 +169,7 @@ def attention(
       implementation: ``"xla"`` builds the full ``[Tq, Tv]`` score matrix (fastest for small
         problems); ``"blocked"`` runs :func:`blocked_attention_with_lse`, whose memory is
         linear in the lengths; ``"pallas"`` runs the Pallas kernel of the running backend
-        (``"dot"`` without dropout; on a GPU a Triton kernel, memory linear in the
+        (``"dot"`` only; on a GPU a Triton kernel, memory linear in the
         lengths; on a CPU the same GPU kernel in the Pallas interpreter, slow: a testing
         aid); ``None`` picks with :func:`select_implementation`. All give the same numbers
         up to float32 rounding (dropout masks differ: each path draws its own). With
@@ -199,8 +199,8 @@ def attention(
 
     Raises:
       ValueError, TypeError: for bad shapes, dtypes, ``score_mode`` or dropout arguments,
-        or a Pallas kernel asked for what it does not compute (the GPU kernel: ``"concat"``
-        or dropout; pass ``implementation="blocked"`` for those).
+        or a Pallas kernel asked for what it does not compute (``"concat"``; pass
+        ``implementation="blocked"`` for it).
     """
     checks.check_implementation(implementation, pallas_platform)
     query, value, key, query_mask, value_mask = checks.validate_attention_args(
@@ -383,8 +383,9 @@ def select_implementation(
     """The implementation :func:`attention` uses when given ``implementation=None``.
 
     On a GPU or a TPU (``jax.default_backend()`` is ``"gpu"`` or ``"tpu"``), ``"pallas"``
-    (the Triton or the Mosaic kernel) for ``"dot"`` without dropout and without the weights
-    requested. Elsewhere, and for the other cases there, by problem size as follows.
+    (the Triton or the Mosaic kernel) for ``"dot"`` without the weights requested, dropout
+    or not (the kernels draw their mask in-tile; ``dropout_rate`` changes no choice).
+    Elsewhere, and for the other cases there, by problem size as follows.
 
     For ``"dot"``, ``"blocked"`` once each example's score matrix is large, ``Tq * Tv >=``
     :data:`AUTO_BLOCKED_DOT_SCORES` (from about 1024 x 1024 the blocked forward and gradient
@@ -396,10 +397,11 @@ def select_implementation(
     on). ``B`` is the product of the batch dims. ``"xla"`` otherwise, and always when the
     weights are requested (they are dense).
     """
+    del dropout_rate  # every implementation has dropout: it changes no choice
     if return_attention_scores:
         return "xla"
     on_accelerator = jax.default_backend() in ("gpu", "tpu")
-    if on_accelerator and score_mode == "dot" and dropout_rate == 0.0:
+    if on_accelerator and score_mode == "dot":
         return "pallas"
     batch_shape = jnp.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
     per_example = query.shape[-2] * key.shape[-2]

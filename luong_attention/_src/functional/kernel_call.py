@@ -183,8 +183,9 @@ def blocked_attention_with_lse(
       scale: as in :func:`attention`.
       concat_score_weight: as in :func:`attention`.
       dropout_rate: as in :func:`attention`.
-      dropout_rng: as in :func:`attention`; dropout tile ``(i, j)`` uses
-        ``fold_in(dropout_rng, i * n_kv + j)``.
+      dropout_rng: as in :func:`attention`; each kernel draws its own mask from it (the
+        blocked one from ``fold_in(dropout_rng, i * n_kv + j)`` per tile ``(i, j)``, the
+        Pallas ones from a hash of one seed and each weight's position).
       block_q: query tile size (``None``: the kernel's default, balanced over the lengths).
       block_kv: key tile size (``None``: the kernel's default, balanced over the lengths).
       matmul_dtype: the matmuls' operand dtype, as in :func:`attention`.

@@ -18,15 +18,11 @@ multiply at full precision (Triton ``ieee``, not TF32), as the blocked kernel; b
 float16 ones natively, accumulating in float32.
 
 ``"concat"`` stays on the blocked kernel, on paper: its ``[block_q, block_kv, depth]`` tanh
-tile is 1 MiB of float32 at 64 x 64 x 64, four times an SM's register file (256 KiB) and
-more than its shared memory (228 KiB on H100/H200), so a kernel would walk it one depth
-column at a time. Either way a tile costs ``block_q * block_kv * depth`` tanh on the
-special-function units (16 per clock per SM, against some 1000 multiply-adds per clock on
-the tensor cores): ``depth / 16`` clocks per score per SM, against well under one clock to
-move a float32 score through HBM, so fusing the forward saves at most some 10% over the
-blocked kernel under XLA. The backward could gain more (the blocked kernel stores the tanh
-tile), but that wants the depth-column loop and a GPU to measure. :func:`config` refuses
-``"concat"`` and dropout (not implemented yet).
+tile (1 MiB of float32 at 64 x 64 x 64) exceeds an SM's registers and shared memory, and
+costs ``depth / 16`` clocks per score on the special-function units (16 tanh per clock per
+SM): fusing the forward saves at most some 10% over XLA (the backward maybe more; it wants
+a GPU to measure). :func:`config` refuses it. Dropout masks come in-tile from
+:mod:`.pallas_common`'s hash: the same in forward, backward and the TPU kernel.
 """
 
 from __future__ import annotations
@@ -39,12 +35,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from luong_attention._src.kernels import pallas_common
 from luong_attention._src.kernels.api import Kernel, Operands, RowStats, SoftmaxState, TileConfig
 from luong_attention._src.kernels.blocked import schedule
 from luong_attention._src.primitives.masks import MASK_PENALTY
 
-# Padded keys get this bias: far below a penalised score (about -1e9), still finite in f32.
-_PAD_PENALTY = 1.0e30
 # Triton's dot needs at least 16 along each axis; tiles are powers of two.
 _MIN_TILE = 16
 # Default tiles 64 x 64 with 4 warps: a [64, 64] float32 score tile and [64, depth] operand
@@ -76,15 +71,14 @@ def config(
     to a power of two (>= 16).
 
     Raises:
-      ValueError: for ``"concat"`` or ``dropout_rate > 0`` (not in this kernel), or a block
-        size that is not a power of two >= 16 (the smallest tile Triton's ``dot`` takes).
+      ValueError: for ``"concat"`` (not in this kernel), or a block size that is not a
+        power of two >= 16 (the smallest tile Triton's ``dot`` takes).
     """
     del depth, batch  # The defaults depend on neither.
-    if score_mode != "dot" or dropout_rate > 0.0:
+    if score_mode != "dot":
         raise ValueError(
-            "The Pallas GPU kernel computes score_mode='dot' without dropout (concat and "
-            "dropout run on the blocked kernel). Received: "
-            f"score_mode={score_mode!r}, dropout_rate={dropout_rate}"
+            "The Pallas GPU kernel computes score_mode='dot' only ('concat' runs on the "
+            f"blocked kernel). Received: score_mode={score_mode!r}"
         )
     for name, block in (("block_q", block_q), ("block_kv", block_kv)):
         fits = isinstance(block, int) and block >= _MIN_TILE and block & (block - 1) == 0
@@ -100,15 +94,7 @@ def config(
         block_kv=min(block_kv or DEFAULT_BLOCK, _padded_pow2(kv_length)),
         q_length=q_length,
         kv_length=kv_length,
-        dropout_rate=0.0,
-    )
-
-
-def dropout_multiplier(cfg: TileConfig, rng: jax.Array, batch: int) -> jax.Array:
-    """Not available: :func:`config` refuses dropout, so no call draws a mask."""
-    del rng, batch
-    raise ValueError(
-        f"The Pallas GPU kernel has no dropout yet. Received: dropout_rate={cfg.dropout_rate}"
+        dropout_rate=float(dropout_rate),
     )
 
 
@@ -121,13 +107,10 @@ def _pad(x: jax.Array, length: int, depth: int | None = None, fill: float = 0.0)
 
 
 def _key_bias(cfg: TileConfig, value_mask: jax.Array | None, kv_padded: int) -> jax.Array | None:
-    """``[B or 1, kv_padded]`` float32 key bias: 0 (attend), ``-MASK_PENALTY`` (masked) or
-    ``-_PAD_PENALTY`` (padding); ``None`` when every score is left as it is."""
+    """:func:`pallas_common.key_bias`, or ``None`` when every score is left as it is."""
     if value_mask is None and not cfg.causal and kv_padded == cfg.kv_length:
         return None
-    vmask = jnp.ones((1, cfg.kv_length), bool) if value_mask is None else value_mask
-    bias = jnp.where(vmask, 0.0, -MASK_PENALTY).astype(jnp.float32)
-    return _pad(bias, kv_padded, fill=-_PAD_PENALTY)
+    return pallas_common.key_bias(cfg, value_mask, kv_padded)
 
 
 def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
@@ -143,7 +126,7 @@ def _tile_scores(
     """The masked scores ``[bq, bk]`` of tile ``(i, j)`` from ``q [bq, dp]``, ``k [bk, dp]``.
 
     A key the causal mask hides gets ``min(bias, -MASK_PENALTY)``: ``-MASK_PENALTY`` for a
-    real key, still ``-_PAD_PENALTY`` for padding.
+    real key, still ``-PAD_PENALTY`` for padding.
     """
     s = _dot(q, k, (1, 1))
     if bias_ref is None:
@@ -157,6 +140,20 @@ def _tile_scores(
     return s + bias
 
 
+def _dropout(cfg: TileConfig, scalars_ref, b, i: jax.Array, j: jax.Array) -> jax.Array | None:
+    """``keep / (1 - rate)`` ``[bq, bk]`` of example ``b``'s tile ``(i, j)``, or ``None``."""
+    if cfg.dropout_rate == 0.0:
+        return None
+    rows = i * cfg.block_q + jnp.arange(cfg.block_q, dtype=jnp.int32)[:, None]
+    cols = j * cfg.block_kv + jnp.arange(cfg.block_kv, dtype=jnp.int32)[None, :]
+    return pallas_common.dropout_scale(cfg.dropout_rate, scalars_ref[3], b, rows, cols)
+
+
+def _drop(x: jax.Array, keep: jax.Array | None) -> jax.Array:
+    """``x * keep`` (``[bq, bk]``): the forward's weights, the backward's ``dp``."""
+    return x if keep is None else x * keep
+
+
 def _forward_kernel(*refs, cfg: TileConfig, has_bias: bool) -> None:
     """One ``(batch, query tile)``: the online softmax over key tiles ``[0, kv_stop[i])``.
 
@@ -167,7 +164,7 @@ def _forward_kernel(*refs, cfg: TileConfig, has_bias: bool) -> None:
     scalars_ref, stop_ref, q_ref, k_ref, v_ref = refs[:5]
     bias_ref = refs[5] if has_bias else None
     m_ref, denom_ref, acc_ref = refs[-3:]
-    i = pl.program_id(1)
+    b, i = pl.program_id(0), pl.program_id(1)
     q = q_ref[...]
 
     def body(j, carry):
@@ -177,9 +174,9 @@ def _forward_kernel(*refs, cfg: TileConfig, has_bias: bool) -> None:
         m_new = jnp.maximum(m, s.max(-1))
         p = jnp.exp(s - m_new[:, None])
         alpha = jnp.exp(m - m_new)
-        v = v_ref[keys, :]
-        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, (1, 0))
-        return m_new, alpha * denom + p.sum(-1), acc
+        v, keep = v_ref[keys, :], _dropout(cfg, scalars_ref, b, i, j)
+        pv = _dot(_drop(p, keep).astype(v.dtype), v, (1, 0))
+        return m_new, alpha * denom + p.sum(-1), alpha[:, None] * acc + pv
 
     zero = jnp.zeros((cfg.block_q,), jnp.float32)
     init = (zero - jnp.inf, zero, jnp.zeros(acc_ref.shape, jnp.float32))
@@ -214,7 +211,7 @@ class _Padded(NamedTuple):
     Attributes:
       q: ``[B, Tq_pad, dp]``; k: ``[B, Tv_pad, dp]``; v: ``[B, Tv_pad, dvp]``.
       bias: ``[B or 1, Tv_pad]`` float32 key bias or ``None`` (see :func:`_key_bias`).
-      scalars: int32 ``[4]``: the query and key offsets, ``n_full`` and 0.
+      scalars: int32 ``[4]``: the query and key offsets, ``n_full``, the dropout seed (or 0).
       kv_stop: int32 ``[n_q]``; q_start: int32 ``[n_kv]`` (with ``n_full``, the blocked
         kernel's :func:`~.blocked.schedule`).
       interpret: run the kernels in the Pallas interpreter instead of compiling them.
@@ -244,12 +241,13 @@ def _padded(cfg: TileConfig, ops: Operands, interpret: bool) -> _Padded:
     tq, tv = cfg.n_q * cfg.block_q, cfg.n_kv * cfg.block_kv
     dp, dvp = _padded_pow2(ops.q.shape[-1]), _padded_pow2(ops.v.shape[-1])
     sched = schedule(cfg, ops.value_mask, ops.offsets)
+    seed = 0 if ops.rng is None else pallas_common.dropout_seed(ops.rng)
     return _Padded(
         q=_pad(ops.q, tq, dp),
         k=_pad(ops.k, tv, dp),
         v=_pad(ops.v, tv, dvp),
         bias=_key_bias(cfg, ops.value_mask, tv),
-        scalars=jnp.stack([*ops.offsets, sched.n_full, 0]).astype(jnp.int32),
+        scalars=jnp.stack([*ops.offsets, sched.n_full, seed]).astype(jnp.int32),
         kv_stop=sched.kv_stop.astype(jnp.int32),
         q_start=sched.q_start.astype(jnp.int32),
         interpret=interpret,
@@ -323,7 +321,7 @@ def _dkdv_kernel(*refs, cfg: TileConfig, has_bias: bool) -> None:
     scalars_ref, q_start_ref, q_ref, k_ref, v_ref, do_ref, m_ref, denom_ref, delta_ref = refs[:9]
     bias_ref = refs[9] if has_bias else None
     dk_ref, dv_ref = refs[-2:]
-    j = pl.program_id(1)
+    b, j = pl.program_id(0), pl.program_id(1)
     k, v = k_ref[...], v_ref[...]
     start = q_start_ref[j]
     head = jnp.minimum(scalars_ref[2], start)
@@ -334,9 +332,9 @@ def _dkdv_kernel(*refs, cfg: TileConfig, has_bias: bool) -> None:
         rows = pl.ds(i * cfg.block_q, cfg.block_q)
         q, do = q_ref[rows, :], do_ref[rows, :]
         s = _tile_scores(cfg, q, k, bias_ref, scalars_ref, i, j)
-        p = _weights(s, m_ref[rows], denom_ref[rows])
-        dv = dv + _dot(p.astype(do.dtype), do, (0, 0))
-        ds = p * (_dot(do, v, (1, 1)) - delta_ref[rows][:, None])
+        p, keep = _weights(s, m_ref[rows], denom_ref[rows]), _dropout(cfg, scalars_ref, b, i, j)
+        dv = dv + _dot(_drop(p, keep).astype(do.dtype), do, (0, 0))
+        ds = p * (_drop(_dot(do, v, (1, 1)), keep) - delta_ref[rows][:, None])
         return dk + _dot(ds.astype(q.dtype), q, (0, 0)), dv
 
     init = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
@@ -353,7 +351,7 @@ def _dq_kernel(*refs, cfg: TileConfig, has_bias: bool) -> None:
     scalars_ref, stop_ref, q_ref, k_ref, v_ref, do_ref, m_ref, denom_ref, delta_ref = refs[:9]
     bias_ref = refs[9] if has_bias else None
     dq_ref = refs[-1]
-    i = pl.program_id(1)
+    b, i = pl.program_id(0), pl.program_id(1)
     q, do = q_ref[...], do_ref[...]
     m, denom, delta = m_ref[...], denom_ref[...], delta_ref[...]
 
@@ -361,7 +359,8 @@ def _dq_kernel(*refs, cfg: TileConfig, has_bias: bool) -> None:
         keys = pl.ds(j * cfg.block_kv, cfg.block_kv)
         k, v = k_ref[keys, :], v_ref[keys, :]
         p = _weights(_tile_scores(cfg, q, k, bias_ref, scalars_ref, i, j), m, denom)
-        ds = p * (_dot(do, v, (1, 1)) - delta[:, None])
+        dp = _drop(_dot(do, v, (1, 1)), _dropout(cfg, scalars_ref, b, i, j))
+        ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k, (1, 0))
 
     dq = jax.lax.fori_loop(0, stop_ref[i], body, jnp.zeros(dq_ref.shape, jnp.float32))
@@ -438,7 +437,7 @@ KERNEL = Kernel(
     forward=forward,
     backward=backward,
     schedule=schedule,
-    dropout_multiplier=dropout_multiplier,
+    dropout_multiplier=pallas_common.dropout_multiplier,
 )
 """The Triton kernel, compiled (GPUs; from a CPU it can be lowered, not run)."""
 

@@ -35,8 +35,9 @@ tanh per cycle (one vreg) at 1.5 GHz the tanh alone takes about 1.4 us. In a ker
 need a loop over depth slices to fit 16-32 MiB of scoped VMEM (the backward also needs
 ``1 - tanh**2`` per element) and would still spend its time where XLA's fused
 broadcast-tanh-reduce in the blocked kernel does. So :func:`config` refuses ``"concat"``
-with a ValueError and the dispatcher routes it to the blocked kernel. Dropout is not
-implemented yet (``config`` refuses ``dropout_rate > 0``).
+with a ValueError and the dispatcher routes it to the blocked kernel. Dropout masks come
+in-tile from :mod:`.pallas_common`'s counter-based hash (seed: the schedule array's last
+entry), the same in the forward, both backward kernels and the GPU kernel.
 """
 
 from __future__ import annotations
@@ -49,15 +50,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from luong_attention._src.kernels import blocked
+from luong_attention._src.kernels import blocked, pallas_common
 from luong_attention._src.kernels.api import Kernel, Operands, RowStats, SoftmaxState, TileConfig
 from luong_attention._src.primitives.masks import MASK_PENALTY
 
 LANES = 128  # the minor (lane) tile of a TPU vreg
 SUBLANES = 8  # the second-minor (sublane) tile of a float32 vreg
 PACKED_SUBLANES = 16  # bfloat16 packs two rows a sublane: default query blocks align to it
-# Padded keys get this bias: far below a penalised score (about -1e9), still finite in f32.
-_PAD_PENALTY = 1.0e30
 # Default tiles: jax's TPU flash kernel uses 128 x 128; larger key blocks mean fewer grid
 # steps (each has a fixed pipeline overhead) for a few hundred KiB of VMEM.
 DEFAULT_BLOCK_Q = 256
@@ -105,18 +104,14 @@ def config(
     """The tiles of one call: ``block_q`` a multiple of 8, ``block_kv`` of 128.
 
     Raises:
-      ValueError: for ``score_mode="concat"`` (served by the blocked kernel), for
-        ``dropout_rate > 0`` and for block sizes TPUs cannot tile.
+      ValueError: for ``score_mode="concat"`` (served by the blocked kernel) and for block
+        sizes TPUs cannot tile.
     """
     del depth, batch
     if score_mode != "dot":
         raise ValueError(
             "The pallas_tpu kernel computes score_mode='dot' only; 'concat' runs on the "
             f"blocked kernel. Received: score_mode={score_mode!r}"
-        )
-    if dropout_rate:
-        raise ValueError(
-            f"The pallas_tpu kernel has no dropout yet. Received: dropout_rate={dropout_rate}"
         )
     return TileConfig(
         score_mode="dot",
@@ -125,14 +120,8 @@ def config(
         block_kv=_block("block_kv", block_kv, kv_length, DEFAULT_BLOCK_KV, LANES, LANES),
         q_length=q_length,
         kv_length=kv_length,
-        dropout_rate=0.0,
+        dropout_rate=float(dropout_rate),
     )
-
-
-def dropout_multiplier(cfg: TileConfig, rng: jax.Array, batch: int) -> jax.Array:
-    """Raises ValueError: never reached, as :func:`config` refuses dropout."""
-    del cfg, rng, batch
-    raise ValueError("The pallas_tpu kernel has no dropout yet.")
 
 
 # ------------------------------------------------------------------ in-kernel helpers
@@ -151,7 +140,7 @@ def _visited(sched: jax.Array, i: jax.Array, j: jax.Array) -> jax.Array:
 def _scores(cfg: TileConfig, sched, q_ref, k_ref, bias_ref, i: jax.Array, j: jax.Array):
     """The masked scores ``[block_q, block_kv]`` (float32) of tile ``(i, j)``.
 
-    ``bias_ref`` (``[1, block_kv]``) holds 0, ``-MASK_PENALTY`` (masked) or ``-_PAD_PENALTY``
+    ``bias_ref`` (``[1, block_kv]``) holds 0, ``-MASK_PENALTY`` (masked) or ``-PAD_PENALTY``
     (padding); the causal mask lowers an allowed key to ``-MASK_PENALTY``.
     """
     s = jax.lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=jnp.float32)
@@ -164,10 +153,22 @@ def _scores(cfg: TileConfig, sched, q_ref, k_ref, bias_ref, i: jax.Array, j: jax
     return s + bias
 
 
+def _dropout(cfg: TileConfig, sched, b, i: jax.Array, j: jax.Array) -> jax.Array | None:
+    """``keep / (1 - rate)`` ``[block_q, block_kv]`` of example ``b``'s tile ``(i, j)``, or
+    ``None`` (program ids are read at the kernel's top: the interpreter wants them there)."""
+    if cfg.dropout_rate == 0.0:
+        return None
+    shape = (cfg.block_q, cfg.block_kv)
+    rows = i * cfg.block_q + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+    cols = j * cfg.block_kv + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+    seed = sched[2 + cfg.n_q + cfg.n_kv]
+    return pallas_common.dropout_scale(cfg.dropout_rate, seed, b, rows, cols)
+
+
 def _forward_kernel(cfg: TileConfig, sched, q_ref, k_ref, v_ref, bias_ref, *refs):
     """One ``(b, i, j)`` step of the online softmax; stores the state after the last ``j``."""
     m_out, l_out, acc_out, m_scr, l_scr, acc_scr = refs
-    i, j = pl.program_id(1), pl.program_id(2)
+    b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
     @pl.when(j == 0)
     def _init():
@@ -184,7 +185,8 @@ def _forward_kernel(cfg: TileConfig, sched, q_ref, k_ref, v_ref, bias_ref, *refs
         alpha = jnp.exp(m_prev - m_next)  # 0 on a row's first visited tile (m_prev = -inf)
         l_scr[...] = alpha * l_scr[...] + p.sum(axis=1)[:, None]
         m_scr[...] = m_next
-        v = v_ref[...]
+        v, keep = v_ref[...], _dropout(cfg, sched, b, i, j)
+        p = p if keep is None else p * keep  # the denominator counts every weight
         pv = jax.lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         acc_scr[...] = _lanes(alpha, acc_scr.shape[-1]) * acc_scr[...] + pv
 
@@ -193,8 +195,9 @@ def _forward_kernel(cfg: TileConfig, sched, q_ref, k_ref, v_ref, bias_ref, *refs
         m_out[...], l_out[...], acc_out[...] = m_scr[...], l_scr[...], acc_scr[...]
 
 
-def _tile_grads(cfg: TileConfig, sched, refs, i: jax.Array, j: jax.Array):
-    """Recomputed weights ``p`` and score gradients ``ds`` (``[block_q, block_kv]``, f32).
+def _tile_grads(cfg: TileConfig, sched, refs, b: jax.Array, i: jax.Array, j: jax.Array):
+    """Recomputed weights ``p`` (times the dropout multiplier) and score gradients ``ds``
+    (``[block_q, block_kv]``, f32).
 
     ``refs``: ``(q, k, v, bias, d_out, m, inv_denom, delta)``, the statistics
     lane-replicated ``[block_q, 128]``; ``delta = rowsum(d_out * out) - d_lse``.
@@ -203,7 +206,10 @@ def _tile_grads(cfg: TileConfig, sched, refs, i: jax.Array, j: jax.Array):
     s = _scores(cfg, sched, q_ref, k_ref, bias_ref, i, j)
     p = jnp.exp(s - _lanes(m_ref[...], cfg.block_kv)) * _lanes(il_ref[...], cfg.block_kv)
     dp = jax.lax.dot_general(do_ref[...], v_ref[...], _NT, preferred_element_type=jnp.float32)
-    return p, p * (dp - _lanes(delta_ref[...], cfg.block_kv))
+    keep = _dropout(cfg, sched, b, i, j)
+    if keep is None:
+        return p, p * (dp - _lanes(delta_ref[...], cfg.block_kv))
+    return p * keep, p * (dp * keep - _lanes(delta_ref[...], cfg.block_kv))
 
 
 def _accumulate(sched, i, j, inner, outs, scratch, step: Callable[[], tuple]) -> None:
@@ -227,12 +233,12 @@ def _accumulate(sched, i, j, inner, outs, scratch, step: Callable[[], tuple]) ->
 
 
 def _dkv_kernel(cfg: TileConfig, sched, *refs):
-    """One ``(b, j, i)`` step of dK/dV: ``dk += ds^T q``, ``dv += p^T dO``."""
+    """One ``(b, j, i)`` step of dK/dV: ``dk += ds^T q``, ``dv += (p * keep)^T dO``."""
     inputs = refs[:8]
-    j, i = pl.program_id(1), pl.program_id(2)
+    b, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
     def step():
-        p, ds = _tile_grads(cfg, sched, inputs, i, j)
+        p, ds = _tile_grads(cfg, sched, inputs, b, i, j)
         q, d_out = inputs[0][...], inputs[4][...]
         return (
             jax.lax.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32),
@@ -245,10 +251,10 @@ def _dkv_kernel(cfg: TileConfig, sched, *refs):
 def _dq_kernel(cfg: TileConfig, sched, *refs):
     """One ``(b, i, j)`` step of dQ: ``dq += ds k``."""
     inputs = refs[:8]
-    i, j = pl.program_id(1), pl.program_id(2)
+    b, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
 
     def step():
-        _, ds = _tile_grads(cfg, sched, inputs, i, j)
+        _, ds = _tile_grads(cfg, sched, inputs, b, i, j)
         k = inputs[1][...]
         return (jax.lax.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32),)
 
@@ -301,20 +307,12 @@ def _specs(cfg: TileConfig, kv_major: bool, per_example_bias: bool):
 
 
 def _schedule_array(cfg: TileConfig, ops: Operands) -> jax.Array:
-    """int32 ``[2 + n_q + n_kv]``: ``q_offset, kv_offset, kv_stop..., q_start...`` of
-    :func:`blocked.schedule` (the scalar-prefetch operand, in SMEM)."""
+    """int32 ``[3 + n_q + n_kv]``: ``q_offset, kv_offset, kv_stop..., q_start...`` of
+    :func:`blocked.schedule` and the dropout seed (or 0): the scalar-prefetch operand (SMEM)."""
     sched = blocked.schedule(cfg, ops.value_mask, ops.offsets)
-    parts = (jnp.stack(ops.offsets), sched.kv_stop, sched.q_start)
+    seed = jnp.zeros((), jnp.int32) if ops.rng is None else pallas_common.dropout_seed(ops.rng)
+    parts = (jnp.stack(ops.offsets), sched.kv_stop, sched.q_start, seed)
     return jnp.concatenate([x.astype(jnp.int32).reshape(-1) for x in parts])
-
-
-def _key_bias(cfg: TileConfig, value_mask: jax.Array | None) -> jax.Array:
-    """float32 ``[B or 1, 1, n_kv * block_kv]``: 0, ``-MASK_PENALTY`` at masked keys and
-    ``-_PAD_PENALTY`` at padding (one ``[1, block_kv]`` row a step: cheap next to the tile)."""
-    vmask = jnp.ones((1, cfg.kv_length), bool) if value_mask is None else value_mask
-    bias = jnp.where(vmask, 0.0, -MASK_PENALTY).astype(jnp.float32)
-    pad = ((0, 0), (0, cfg.n_kv * cfg.block_kv - cfg.kv_length))
-    return jnp.pad(bias, pad, constant_values=-_PAD_PENALTY)[:, None, :]
 
 
 def _pad(x: jax.Array, length: int, width: int, fill: float = 0.0) -> jax.Array:
@@ -363,7 +361,8 @@ def _inputs(cfg: TileConfig, ops: Operands) -> tuple[list[jax.Array], jax.Array,
     width, width_v = _round_up(ops.q.shape[-1], LANES), _round_up(ops.v.shape[-1], LANES)
     rows_p, keys_p = cfg.n_q * cfg.block_q, cfg.n_kv * cfg.block_kv
     args = [_pad(ops.q, rows_p, width), _pad(ops.k, keys_p, width), _pad(ops.v, keys_p, width_v)]
-    args.append(_key_bias(cfg, ops.value_mask))
+    # [B or 1, 1, Tv_pad]: one [1, block_kv] row a step, cheap next to the tile.
+    args.append(pallas_common.key_bias(cfg, ops.value_mask, keys_p)[:, None, :])
     return args, _schedule_array(cfg, ops), width, width_v
 
 
@@ -446,5 +445,5 @@ KERNEL = Kernel(
     forward=forward,
     backward=backward,
     schedule=blocked.schedule,
-    dropout_multiplier=dropout_multiplier,
+    dropout_multiplier=pallas_common.dropout_multiplier,
 )

@@ -256,7 +256,7 @@ def test_dispatch_on_cpu_is_unchanged_and_accelerators_pick_pallas_for_dot(
     monkeypatch.setattr(jax, "default_backend", lambda: accelerator)
     assert select_implementation("dot", q, k, v) == "pallas"
     assert select_implementation("concat", q, k, v) == "xla"
-    assert select_implementation("dot", q, k, v, dropout_rate=0.1) == "xla"
+    assert select_implementation("dot", q, k, v, dropout_rate=0.1) == "pallas"
     assert select_implementation("dot", q, k, v, return_attention_scores=True) == "xla"
 
 
@@ -265,7 +265,7 @@ def test_dispatch_on_cpu_is_unchanged_and_accelerators_pick_pallas_for_dot(
     [
         (
             {"implementation": "pallas", "score_mode": "concat"},
-            "computes score_mode='dot' without dropout",
+            "computes score_mode='dot' only ('concat' runs on the blocked kernel)",
         ),
         (
             {"implementation": "pallas", "pallas_platform": "tpu", "score_mode": "concat"},

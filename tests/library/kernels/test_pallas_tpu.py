@@ -302,7 +302,6 @@ def test_attention_with_pallas_platform_tpu_exports_the_mosaic_kernels():
     ("kwargs", "match"),
     [
         ({"score_mode": "concat"}, "score_mode='dot' only; 'concat' runs on the blocked kernel"),
-        ({"dropout_rate": 0.1}, "no dropout yet. Received: dropout_rate=0.1"),
         (
             {"block_q": 12},
             "block_q must be None or a positive multiple of 8 .* Received: block_q=12",
