@@ -172,11 +172,15 @@ def merge(a: SoftmaxState, b: SoftmaxState) -> SoftmaxState:
     A side that saw no key (``m = -inf``) gets weight 0, and no NaN when neither did.
     """
     m = jnp.maximum(a.m, b.m)
-    shift = jnp.where(jnp.isneginf(m), 0.0, m)
-    w_a, w_b = jnp.exp(a.m - shift), jnp.exp(b.m - shift)
-    return SoftmaxState(
-        m, w_a * a.denom + w_b * b.denom, w_a[..., None] * a.acc + w_b[..., None] * b.acc
-    )
+    a, b = rescale(a, m), rescale(b, m)
+    return SoftmaxState(m, a.denom + b.denom, a.acc + b.acc)
+
+
+def rescale(state: SoftmaxState, m: jax.Array) -> SoftmaxState:
+    """``state`` relative to a running max ``m >= state.m`` (``[B, rows]``): its denominator
+    and accumulator times ``exp(state.m - m)``; weight 0, and no NaN, where ``m`` is ``-inf``."""
+    w = jnp.exp(state.m - jnp.where(jnp.isneginf(m), 0.0, m))
+    return SoftmaxState(m, w * state.denom, w[..., None] * state.acc)
 
 
 def finalise(state: SoftmaxState) -> jax.Array:

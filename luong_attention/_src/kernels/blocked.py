@@ -40,6 +40,7 @@ from luong_attention._src.kernels.api import (
     TileConfig,
 )
 from luong_attention._src.primitives.masks import MASK_PENALTY
+from luong_attention._src.primitives.rows import join_rows, split_rows
 from luong_attention._src.primitives.scores import concat_scores, dot_scores, narrower_dtype
 
 # Padded keys get this bias: far below a penalised score (about -1e9), still finite in f32.
@@ -158,22 +159,6 @@ def dropout_multiplier(cfg: TileConfig, rng: jax.Array, batch: int) -> jax.Array
     return full[:, : cfg.q_length, : cfg.kv_length]
 
 
-def _to_blocks(x: jax.Array, block: int, fill: float = 0.0) -> jax.Array:
-    """``[B, T, ...]`` -> ``[ceil(T / block), B, block, ...]``, padded with ``fill``."""
-    length = x.shape[1]
-    n_blocks = -(-length // block)
-    pad = [(0, 0)] * x.ndim
-    pad[1] = (0, n_blocks * block - length)
-    x = jnp.pad(x, pad, constant_values=fill).reshape(x.shape[0], n_blocks, block, *x.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
-
-
-def _from_blocks(x: jax.Array, length: int) -> jax.Array:
-    """Inverse of :func:`_to_blocks`: ``[n, B, block, ...]`` -> ``[B, length, ...]``."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
-
-
 def _bmm(a: jax.Array, b: jax.Array, contract: tuple[int, int], out: jnp.dtype) -> jax.Array:
     """Batched (over axis 0) matmul contracting ``a``'s and ``b``'s given axes.
 
@@ -245,7 +230,7 @@ def _key_biases(
     penalty = jnp.asarray(-MASK_PENALTY, dtype)
     allowed = jnp.where(real, jnp.where(vmask, jnp.asarray(0, dtype), penalty), pad)
     masked = jnp.broadcast_to(jnp.where(real, penalty, pad), allowed.shape)
-    return _to_blocks(allowed[..., None], cfg.block_kv)[..., 0], _to_blocks(
+    return split_rows(allowed[..., None], cfg.block_kv)[..., 0], split_rows(
         masked[..., None], cfg.block_kv
     )[..., 0]
 
@@ -283,9 +268,9 @@ def _tiles(
     (``[n_blocks, B, block, ...]``), the per-key-block biases (in the statistics dtype of
     ``ops.weight``) and the tile schedule."""
     qb, kb, vb = (
-        _to_blocks(ops.q, cfg.block_q),
-        _to_blocks(ops.k, cfg.block_kv),
-        _to_blocks(ops.v, cfg.block_kv),
+        split_rows(ops.q, cfg.block_q),
+        split_rows(ops.k, cfg.block_kv),
+        split_rows(ops.v, cfg.block_kv),
     )
     biases = _key_biases(cfg, ops.value_mask, cfg.n_kv, ops.weight.dtype)
     return qb, kb, vb, biases, schedule(cfg, ops.value_mask, ops.offsets)
@@ -324,7 +309,7 @@ def forward(cfg: TileConfig, ops: Operands) -> SoftmaxState:
         return jax.lax.fori_loop(0, sched.kv_stop[i], kv_step, init)
 
     m, denom, acc = jax.lax.map(q_block, (jnp.arange(cfg.n_q), qb))
-    return SoftmaxState(*(_from_blocks(x, cfg.q_length) for x in (m, denom, acc)))
+    return SoftmaxState(*(join_rows(x, cfg.q_length) for x in (m, denom, acc)))
 
 
 def backward(
@@ -345,14 +330,14 @@ def backward(
     acc_dtype = weight.dtype
     qb, kb, vb, biases, (_, q_start, n_full) = _tiles(cfg, ops)
     n_q, n_kv = qb.shape[0], kb.shape[0]
-    d_outb = _to_blocks(d_out, cfg.block_q)
+    d_outb = split_rows(d_out, cfg.block_q)
     # d lse / d s = p, so the lse cotangent enters as a shift of the usual row term D.
-    delta = (d_outb * _to_blocks(stats.out, cfg.block_q)).sum(-1) - _to_blocks(d_lse, cfg.block_q)
+    delta = (d_outb * split_rows(stats.out, cfg.block_q)).sum(-1) - split_rows(d_lse, cfg.block_q)
     # dO meets v and p in the matmuls: in the operand dtype, as the inputs.
     d_outb = d_outb.astype(v.dtype)
     # Padded rows get m = +inf, so weight 0 (never exp overflow from an unknown max).
-    m = _to_blocks(stats.m, cfg.block_q, jnp.inf)
-    inv_denom = 1.0 / _to_blocks(stats.denom, cfg.block_q, 1.0)
+    m = split_rows(stats.m, cfg.block_q, jnp.inf)
+    inv_denom = 1.0 / split_rows(stats.denom, cfg.block_q, 1.0)
 
     # Key-major tiles [B, bk, bq]: every matmul below is then NN or NT, which XLA:CPU runs
     # about 3x faster than the TN products (p^T dO, ds^T q) of the query-major layout. For
@@ -414,9 +399,9 @@ def backward(
         dq = jnp.swapaxes(dq, -1, -2)
     # Accumulated in float32 over the tiles; handed back in the inputs' (operand) dtype.
     return (
-        _from_blocks(dq, cfg.q_length).astype(q.dtype),
-        _from_blocks(dk, cfg.kv_length).astype(k.dtype),
-        _from_blocks(dv, cfg.kv_length).astype(v.dtype),
+        join_rows(dq, cfg.q_length).astype(q.dtype),
+        join_rows(dk, cfg.kv_length).astype(k.dtype),
+        join_rows(dv, cfg.kv_length).astype(v.dtype),
         dweight,
     )
 

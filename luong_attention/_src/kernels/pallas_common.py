@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from luong_attention._src.kernels.api import TileConfig
 from luong_attention._src.primitives.masks import MASK_PENALTY
+from luong_attention._src.primitives.rows import pad_length
 
 # Padded keys get this bias: far below a penalised score (about -1e9), still finite in f32.
 PAD_PENALTY = 1.0e30
@@ -81,3 +82,9 @@ def dropout_multiplier(cfg: TileConfig, rng: jax.Array, batch: int) -> jax.Array
     rows = jnp.arange(cfg.q_length, dtype=jnp.int32)[None, :, None]
     cols = jnp.arange(cfg.kv_length, dtype=jnp.int32)[None, None, :]
     return dropout_scale(cfg.dropout_rate, dropout_seed(rng), b, rows, cols)
+
+
+def pad_rows(x: jax.Array, length: int, depth: int | None = None, fill: float = 0.0) -> jax.Array:
+    """``[B, T(, D)]`` padded with ``fill`` to ``[B, length(, depth)]``."""
+    x = pad_length(x, 1, length, fill)
+    return x if depth is None else pad_length(x, 2, depth, fill)

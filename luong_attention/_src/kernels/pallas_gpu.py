@@ -98,14 +98,6 @@ def config(
     )
 
 
-def _pad(x: jax.Array, length: int, depth: int | None = None, fill: float = 0.0) -> jax.Array:
-    """``[B, T(, D)]`` zero- (or ``fill``-) padded to ``[B, length(, depth)]``."""
-    pad = [(0, 0), (0, length - x.shape[1])]
-    if depth is not None:
-        pad.append((0, depth - x.shape[2]))
-    return jnp.pad(x, pad, constant_values=fill)
-
-
 def _key_bias(cfg: TileConfig, value_mask: jax.Array | None, kv_padded: int) -> jax.Array | None:
     """:func:`pallas_common.key_bias`, or ``None`` when every score is left as it is."""
     if value_mask is None and not cfg.causal and kv_padded == cfg.kv_length:
@@ -243,9 +235,9 @@ def _padded(cfg: TileConfig, ops: Operands, interpret: bool) -> _Padded:
     sched = schedule(cfg, ops.value_mask, ops.offsets)
     seed = 0 if ops.rng is None else pallas_common.dropout_seed(ops.rng)
     return _Padded(
-        q=_pad(ops.q, tq, dp),
-        k=_pad(ops.k, tv, dp),
-        v=_pad(ops.v, tv, dvp),
+        q=pallas_common.pad_rows(ops.q, tq, dp),
+        k=pallas_common.pad_rows(ops.k, tv, dp),
+        v=pallas_common.pad_rows(ops.v, tv, dvp),
         bias=_key_bias(cfg, ops.value_mask, tv),
         scalars=jnp.stack([*ops.offsets, sched.n_full, seed]).astype(jnp.int32),
         kv_stop=sched.kv_stop.astype(jnp.int32),
@@ -388,12 +380,14 @@ def backward(
     # d lse / d s = p, so the lse cotangent enters as a shift of the usual row term.
     delta = (d_out.astype(jnp.float32) * stats.out.astype(jnp.float32)).sum(-1) - d_lse
     row_stats = (
-        _pad(stats.m.astype(jnp.float32), tq, fill=jnp.inf),  # padded rows: weight 0
-        _pad(stats.denom.astype(jnp.float32), tq, fill=1.0),
-        _pad(delta.astype(jnp.float32), tq),
+        pallas_common.pad_rows(
+            stats.m.astype(jnp.float32), tq, fill=jnp.inf
+        ),  # padded rows: weight 0
+        pallas_common.pad_rows(stats.denom.astype(jnp.float32), tq, fill=1.0),
+        pallas_common.pad_rows(delta.astype(jnp.float32), tq),
     )
     # dO meets v and p in the matmuls: in the operand dtype, as the inputs.
-    do = _pad(d_out.astype(ops.v.dtype), tq, dvp)
+    do = pallas_common.pad_rows(d_out.astype(ops.v.dtype), tq, dvp)
     bq, bk = cfg.block_q, cfg.block_kv
     dk, dv = _call(
         _dkdv_kernel,

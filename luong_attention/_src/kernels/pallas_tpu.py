@@ -315,12 +315,6 @@ def _schedule_array(cfg: TileConfig, ops: Operands) -> jax.Array:
     return jnp.concatenate([x.astype(jnp.int32).reshape(-1) for x in parts])
 
 
-def _pad(x: jax.Array, length: int, width: int, fill: float = 0.0) -> jax.Array:
-    """``[B, T, D]`` padded with ``fill`` to ``[B, length, width]``."""
-    pad = ((0, 0), (0, length - x.shape[1]), (0, width - x.shape[2]))
-    return jnp.pad(x, pad, constant_values=fill)
-
-
 def _lane_rows(x: jax.Array, length: int, fill: float) -> jax.Array:
     """A per-row statistic ``[B, T]`` as ``[B, length, 128]``, lane-replicated."""
     x = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, length - x.shape[1])), constant_values=fill)
@@ -360,7 +354,11 @@ def _inputs(cfg: TileConfig, ops: Operands) -> tuple[list[jax.Array], jax.Array,
         )
     width, width_v = _round_up(ops.q.shape[-1], LANES), _round_up(ops.v.shape[-1], LANES)
     rows_p, keys_p = cfg.n_q * cfg.block_q, cfg.n_kv * cfg.block_kv
-    args = [_pad(ops.q, rows_p, width), _pad(ops.k, keys_p, width), _pad(ops.v, keys_p, width_v)]
+    args = [
+        pallas_common.pad_rows(ops.q, rows_p, width),
+        pallas_common.pad_rows(ops.k, keys_p, width),
+        pallas_common.pad_rows(ops.v, keys_p, width_v),
+    ]
     # [B or 1, 1, Tv_pad]: one [1, block_kv] row a step, cheap next to the tile.
     args.append(pallas_common.key_bias(cfg, ops.value_mask, keys_p)[:, None, :])
     return args, _schedule_array(cfg, ops), width, width_v
@@ -408,7 +406,7 @@ def backward(
     # dO meets v and p in the matmuls, in the operand dtype; padded rows get m = +inf
     # (weight 0).
     args += [
-        _pad(d_out.astype(v.dtype), rows_p, width_v),
+        pallas_common.pad_rows(d_out.astype(v.dtype), rows_p, width_v),
         _lane_rows(stats.m, rows_p, jnp.inf),
         _lane_rows(1.0 / stats.denom, rows_p, 1.0),
         _lane_rows(delta, rows_p, 0.0),

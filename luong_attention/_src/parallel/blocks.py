@@ -32,6 +32,7 @@ from luong_attention._src.kernels.api import (
 )
 from luong_attention._src.kernels.registry import get_kernel
 from luong_attention._src.primitives.masks import MASK_PENALTY
+from luong_attention._src.primitives.rows import join_rows, split_rows
 from luong_attention._src.primitives.scores import ScoreParams
 
 # Score entries (times depth for "concat") per query chunk of the fully-masked-row path: 4 MiB.
@@ -178,21 +179,6 @@ def _chunk_rows(score_mode: str, rows: int, keys: int, depth: int) -> int:
     return max(1, min(rows, CHUNK_ELEMENTS // per_query))
 
 
-def _split_rows(x: jax.Array, chunk: int, fill: float) -> jax.Array:
-    """``[B, rows, ...]`` -> ``[n, B, chunk, ...]``, padded with ``fill`` (padding stays finite)."""
-    n = -(-x.shape[1] // chunk)
-    widths = [(0, 0)] * x.ndim
-    widths[1] = (0, n * chunk - x.shape[1])
-    x = jnp.pad(x, widths, constant_values=fill)
-    return jnp.moveaxis(x.reshape(x.shape[0], n, chunk, *x.shape[2:]), 1, 0)
-
-
-def _join_rows(x: jax.Array, rows: int) -> jax.Array:
-    """Inverse of :func:`_split_rows`: ``[n, B, chunk, ...]`` -> ``[B, rows, ...]``."""
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :rows]
-
-
 def masked_row_stats(score_mode: str, ops: Operands, real: jax.Array) -> SoftmaxState:
     """Exact state of fully masked rows over one key block (meaningless for other rows).
 
@@ -215,8 +201,8 @@ def masked_row_stats(score_mode: str, ops: Operands, real: jax.Array) -> Softmax
         return SoftmaxState(m, p.sum(-1), acc)
 
     chunk = _chunk_rows(score_mode, rows, ops.k.shape[1], ops.q.shape[-1])
-    state = jax.lax.map(chunk_stats, _split_rows(ops.q, chunk, 0.0))
-    return SoftmaxState(*(_join_rows(x, rows) for x in state))
+    state = jax.lax.map(chunk_stats, split_rows(ops.q, chunk, 0.0))
+    return SoftmaxState(*(join_rows(x, rows) for x in state))
 
 
 def masked_row_grads(
@@ -248,11 +234,11 @@ def masked_row_grads(
         return (dk + dk_c, dv + dv_c, dweight + dw_c), dq_c
 
     fills = ((ops.q, 0.0), (stats.m, 0.0), (stats.denom, 1.0), (d_out, 0.0), (delta, 0.0))
-    xs = tuple(_split_rows(x, chunk, fill) for x, fill in fills)
+    xs = tuple(split_rows(x, chunk, fill) for x, fill in fills)
     acc = ops.weight.dtype
     init = (jnp.zeros(ops.k.shape, acc), jnp.zeros(ops.v.shape, acc), 0 * ops.weight)
     (dk, dv, dweight), dq = jax.lax.scan(chunk_grads, init, xs)
-    return _join_rows(dq, n_rows), dk, dv, dweight
+    return join_rows(dq, n_rows), dk, dv, dweight
 
 
 def _exact_where_fully(

@@ -24,13 +24,6 @@ from jax.typing import ArrayLike
 Layout = Literal["contiguous", "zigzag"]
 
 
-def pad_length(x: jax.Array, axis: int, length: int, fill: bool | float = 0) -> jax.Array:
-    """Pads ``x`` at the end of ``axis`` with ``fill`` up to ``length`` entries."""
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, length - x.shape[axis])
-    return jnp.pad(x, widths, constant_values=fill)
-
-
 def zigzag_order(length: int, devices: int) -> np.ndarray:
     """The natural positions in zigzag order: ``x_zigzag = x[..., order, :]``.
 

@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from luong_attention._src.kernels.api import Operands, SoftmaxState
+from luong_attention._src.kernels.api import Operands, SoftmaxState, rescale
 from luong_attention._src.parallel.blocks import (
     Pair,
     Plan,
@@ -35,10 +35,8 @@ from luong_attention._src.parallel.blocks import (
 def all_merge(state: SoftmaxState, axis_name: str) -> SoftmaxState:
     """The state over the keys of every device on ``axis_name`` (the same on each)."""
     m = jax.lax.pmax(state.m, axis_name)
-    shift = jnp.where(jnp.isneginf(m), 0.0, m)
-    w = jnp.exp(state.m - shift)
-    denom = jax.lax.psum(w * state.denom, axis_name)
-    return SoftmaxState(m, denom, jax.lax.psum(w[..., None] * state.acc, axis_name))
+    local = rescale(state, m)
+    return SoftmaxState(m, *jax.lax.psum((local.denom, local.acc), axis_name))
 
 
 def _local_pair(

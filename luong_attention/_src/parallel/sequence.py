@@ -20,18 +20,19 @@ from jax.sharding import PartitionSpec as P
 from jax.typing import ArrayLike
 
 from luong_attention._src.functional.attention import ScoreMode, apply_query_mask
+from luong_attention._src.functional.kernel_call import flatten_batch
 from luong_attention._src.parallel.blocks import Plan
 from luong_attention._src.parallel.layout import (
     Layout,
     check_axes,
     check_zigzag_length,
-    pad_length,
     shard_spec,
 )
 from luong_attention._src.parallel.replicated import replicated_attention_shards
 from luong_attention._src.parallel.ring import ring_attention_shards
 from luong_attention._src.primitives import checks
 from luong_attention._src.primitives.masks import as_bool_mask
+from luong_attention._src.primitives.rows import pad_length
 from luong_attention._src.primitives.scores import (
     ScoreParams,
     resolve_matmul_dtype,
@@ -248,12 +249,11 @@ def _run(
             shapes.append(value_mask.shape[:-1])
         local_batch = jnp.broadcast_shapes(*shapes)
 
-        def flat(x: jax.Array, core: int) -> jax.Array:
-            tail = x.shape[x.ndim - core :]
-            return jnp.broadcast_to(x, (*local_batch, *tail)).reshape(-1, *tail)
+        def flat(x: jax.Array, core: int = 2) -> jax.Array:
+            return flatten_batch(x, local_batch, x.dtype, core)
 
         mask = None if value_mask is None else flat(value_mask, 1)
-        out = shards(plan, flat(query, 2), flat(key, 2), flat(value, 2), weight, mask)
+        out = shards(plan, flat(query), flat(key), flat(value), weight, mask)
         return out.reshape(*local_batch, *out.shape[-2:])
 
     def spec(x: jax.Array | None, core_dims: int, split_dim: int | None) -> P:
