@@ -28,6 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from luong_attention._src.primitives.linear import Linear, linear_call
 from luong_attention._src.primitives.scores import ScoreMode
 
 
@@ -43,6 +44,8 @@ class TileConfig(NamedTuple):
       q_length: Tq of the call.
       kv_length: Tv of the call.
       dropout_rate: fraction of the weights dropped, in ``[0, 1)``.
+      every_tile: visit every tile with static loop bounds (no skipped tiles): slower
+        under masks, but JAX differentiates it in reverse mode (second-order derivatives).
     """
 
     score_mode: ScoreMode
@@ -52,6 +55,7 @@ class TileConfig(NamedTuple):
     q_length: int
     kv_length: int
     dropout_rate: float
+    every_tile: bool = False
 
     @property
     def n_q(self) -> int:
@@ -147,6 +151,12 @@ class Kernel(NamedTuple):
       schedule: ``(TileConfig, value_mask, offsets) -> Schedule``.
       dropout_multiplier: ``(TileConfig, rng, batch) -> [B, Tq, Tv]``, ``keep / (1 - rate)``
         as the forward draws it.
+      tangent: ``(TileConfig, Operands, RowStats, (dq, dk, dv, dweight)) -> (d_out [B, Tq,
+        dim_v], d_lse [B, Tq])``: the push-forward of tangents of the operands, with the
+        rows' final statistics (linear in the tangents; ``backward`` is its transpose).
+      differentiable: the same maths and dropout mask in code JAX differentiates in every
+        mode (with ``TileConfig.every_tile``), for derivatives of ``tangent`` and
+        ``backward``; ``None`` when this kernel is such code.
     """
 
     name: str
@@ -155,6 +165,8 @@ class Kernel(NamedTuple):
     backward: Callable[..., tuple[jax.Array, jax.Array, jax.Array, jax.Array]]
     schedule: Callable[..., Schedule]
     dropout_multiplier: Callable[[TileConfig, jax.Array, int], jax.Array]
+    tangent: Callable[..., tuple[jax.Array, jax.Array]]
+    differentiable: Kernel | None = None
 
 
 def empty_state(batch: int, rows: int, value_depth: int, dtype: jnp.dtype) -> SoftmaxState:
@@ -193,36 +205,51 @@ def logsumexp(state: SoftmaxState) -> jax.Array:
     return state.m + jnp.log(state.denom)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def attend(kernel: Kernel, cfg: TileConfig, ops: Operands) -> tuple[jax.Array, jax.Array]:
     """``(out [B, Tq, dim_v], lse [B, Tq])`` of one kernel call, in the statistics dtype.
 
-    Differentiable in ``q``, ``k``, ``v`` and ``weight`` through both outputs
-    (``d lse / d score`` is the softmax weight): the forward saves only :class:`RowStats`,
-    and ``kernel.backward`` recomputes the tiles from them.
+    Differentiable in ``q``, ``k``, ``v`` and ``weight`` through both outputs, in every
+    mode and to any order (see :func:`attend_rows`).
+    """
+    stats = attend_rows(kernel, cfg, ops)
+    return stats.out, stats.m + jnp.log(stats.denom)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def attend_rows(kernel: Kernel, cfg: TileConfig, ops: Operands) -> RowStats:
+    """The output and final row statistics of one kernel call (``kernel.forward``).
+
+    Forward mode runs ``kernel.tangent`` after the forward; reverse mode transposes it into
+    ``kernel.backward``, from the saved :class:`RowStats` (memory linear in the lengths
+    either way). Second-order derivatives differentiate ``kernel.differentiable`` with
+    every tile visited. The tangent of ``m`` is that of the logsumexp, ``denom``'s is 0.
     """
     state = kernel.forward(cfg, ops)
-    return finalise(state), logsumexp(state)
+    return RowStats(finalise(state), state.m, state.denom)
 
 
-def _attend_fwd(
-    kernel: Kernel, cfg: TileConfig, ops: Operands
-) -> tuple[tuple[jax.Array, jax.Array], tuple[Operands, RowStats]]:
-    state = kernel.forward(cfg, ops)
-    out = finalise(state)
-    return (out, logsumexp(state)), (ops, RowStats(out, state.m, state.denom))
+@attend_rows.defjvp
+def _attend_rows_jvp(kernel: Kernel, cfg: TileConfig, primals, tangents):
+    (ops,), (d_ops,) = primals, tangents
+    stats = attend_rows(kernel, cfg, ops)
+    d_out, d_lse = linear_call(_linear_map(kernel, cfg), (ops, stats), tuple(d_ops[:4]))
+    return stats, RowStats(d_out, d_lse, jnp.zeros_like(stats.denom))
 
 
-def _attend_bwd(
-    kernel: Kernel,
-    cfg: TileConfig,
-    residuals: tuple[Operands, RowStats],
-    cotangents: tuple[jax.Array, jax.Array],
-) -> tuple[Operands]:
-    ops, stats = residuals
-    dq, dk, dv, dweight = kernel.backward(cfg, ops, stats, *cotangents)
-    # Masks, offsets and the key get no cotangent.
-    return (Operands(dq, dk, dv, dweight, None, None, None),)
+def _linear_map(kernel: Kernel, cfg: TileConfig) -> Linear:
+    """The tangent pass and its transpose, the kernel's backward, as a :class:`Linear`."""
+    exact = kernel.differentiable or kernel
+    every = cfg._replace(every_tile=True)
 
+    def tangent(kernel: Kernel, cfg: TileConfig, res, d_ops):
+        return kernel.tangent(cfg, *res, d_ops)
 
-attend.defvjp(_attend_fwd, _attend_bwd)
+    def backward(kernel: Kernel, cfg: TileConfig, res, cts):
+        return kernel.backward(cfg, *res, *cts)
+
+    return Linear(
+        apply=functools.partial(tangent, kernel, cfg),
+        transpose=functools.partial(backward, kernel, cfg),
+        reference=functools.partial(tangent, exact, every),
+        transpose_reference=functools.partial(backward, exact, every),
+    )

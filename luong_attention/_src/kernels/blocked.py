@@ -26,7 +26,9 @@ loops index their leading axis. Padded keys are excluded outright (a bias of
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -141,6 +143,12 @@ def config(
         kv_length=kv_length,
         dropout_rate=float(dropout_rate),
     )
+
+
+# (cfg, rng, i, j, [B, bq, bk]) -> the dropout multiplier of tile (i, j), or None.
+KeepFn = Callable[
+    [TileConfig, jax.Array | None, jax.Array, jax.Array, tuple[int, ...]], jax.Array | None
+]
 
 
 def dropout_multiplier(cfg: TileConfig, rng: jax.Array, batch: int) -> jax.Array:
@@ -276,7 +284,7 @@ def _tiles(
     return qb, kb, vb, biases, schedule(cfg, ops.value_mask, ops.offsets)
 
 
-def forward(cfg: TileConfig, ops: Operands) -> SoftmaxState:
+def forward(cfg: TileConfig, ops: Operands, *, keep: KeepFn = _tile_keep) -> SoftmaxState:
     """The online softmax over ``[block_q, block_kv]`` tiles: the state of every query row
     (``[B, Tq]``, ``[B, Tq]``, ``[B, Tq, dim_v]``, in the statistics dtype of ``ops.weight``).
     """
@@ -297,8 +305,8 @@ def forward(cfg: TileConfig, ops: Operands) -> SoftmaxState:
             p = jnp.exp(s - m_new[..., None])
             alpha = jnp.exp(m - m_new)
             denom = alpha * denom + p.sum(-1)
-            keep = _tile_keep(cfg, ops.rng, i, j, p.shape)
-            pv = _bmm(p if keep is None else p * keep, vb[j], (2, 1), stats)
+            kept = keep(cfg, ops.rng, i, j, p.shape)
+            pv = _bmm(p if kept is None else p * kept, vb[j], (2, 1), stats)
             return m_new, denom, alpha[..., None] * acc + pv
 
         init = (
@@ -306,14 +314,108 @@ def forward(cfg: TileConfig, ops: Operands) -> SoftmaxState:
             jnp.zeros((batch, cfg.block_q), stats),
             jnp.zeros((batch, cfg.block_q, dim_v), stats),
         )
-        return jax.lax.fori_loop(0, sched.kv_stop[i], kv_step, init)
+        return jax.lax.fori_loop(0, _kv_stop(cfg, sched, i), kv_step, init)
 
     m, denom, acc = jax.lax.map(q_block, (jnp.arange(cfg.n_q), qb))
     return SoftmaxState(*(join_rows(x, cfg.q_length) for x in (m, denom, acc)))
 
 
+def _kv_stop(cfg: TileConfig, sched: Schedule, i: jax.Array) -> jax.Array | int:
+    """How many key tiles query tile ``i`` visits: all of them, as a static bound that JAX
+    differentiates in reverse, under ``cfg.every_tile``."""
+    return cfg.n_kv if cfg.every_tile else sched.kv_stop[i]
+
+
+def _row_weights(cfg: TileConfig, stats: RowStats) -> tuple[jax.Array, jax.Array]:
+    """Block-major ``m`` and ``1 / denom`` ``[n_q, B, bq]`` of the rows' final statistics;
+    padded rows get ``m = +inf``, so weight 0 (no overflow from an unknown max)."""
+    return (
+        split_rows(stats.m, cfg.block_q, jnp.inf),
+        1.0 / split_rows(stats.denom, cfg.block_q, 1.0),
+    )
+
+
+def _score_tangent(
+    cfg: TileConfig,
+    q_i: jax.Array,
+    k_j: jax.Array,
+    weight: jax.Array,
+    d: tuple[jax.Array, jax.Array, jax.Array],
+) -> tuple[jax.Array, jax.Array]:
+    """A tile's raw scores and their tangent ``[B, bq, bk]`` for tangents ``d = (dq_i [B, bq,
+    depth], dk_j [B, bk, depth], dweight [])``, in the statistics dtype of ``weight``."""
+    dq_i, dk_j, dweight = d
+    acc = weight.dtype
+    if cfg.score_mode == "dot":
+        s = _bmm(q_i, k_j, (2, 2), acc)
+        return s, _bmm(dq_i, k_j, (2, 2), acc) + _bmm(q_i, dk_j, (2, 2), acc)
+    tanh = jnp.tanh(q_i.astype(acc)[:, :, None, :] + k_j.astype(acc)[:, None])
+    slope = 1.0 - tanh * tanh
+    d_pre = dq_i.astype(acc)[:, :, None, :] + dk_j.astype(acc)[:, None]
+    tanh_sum = tanh.sum(-1)
+    return weight * tanh_sum, dweight * tanh_sum + weight * (slope * d_pre).sum(-1)
+
+
+def tangent(
+    cfg: TileConfig,
+    ops: Operands,
+    stats: RowStats,
+    d_ops: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+    *,
+    keep: KeepFn = _tile_keep,
+) -> tuple[jax.Array, jax.Array]:
+    """The forward-mode pass: tangents ``(d_out [B, Tq, dim_v], d_lse [B, Tq])`` of the
+    output and logsumexp for tangents ``d_ops = (dq, dk, dv, dweight)`` of the operands.
+
+    One sweep over the forward's tiles with the rows' final statistics: the weights ``p``
+    of a tile are ``exp(s - m) / denom``, so ``d_lse = sum_j p ds`` and ``d_out = sum_j p
+    keep (ds v + dv) - d_lse out``; memory stays linear in the lengths.
+    """
+    dq, dk, dv, dweight = d_ops
+    qb, kb, vb, biases, sched = _tiles(cfg, ops)
+    dqb, dkb, dvb = (
+        split_rows(dq, cfg.block_q),
+        split_rows(dk, cfg.block_kv),
+        split_rows(dv, cfg.block_kv),
+    )
+    acc = ops.weight.dtype
+    m, inv_denom = _row_weights(cfg, stats)
+    batch, dim_v = ops.q.shape[0], ops.v.shape[-1]
+
+    def q_block(args):
+        i, q_i, dq_i, m_i, inv_i = args
+
+        def kv_step(j, carry):
+            d_lse, d_acc = carry
+            s, ds = _score_tangent(cfg, q_i, kb[j], ops.weight, (dq_i, dkb[j], dweight))
+            bias = _tile_bias(cfg, biases, ops.offsets, i, j)
+            if bias is not None:
+                s = s + bias
+            p = jnp.exp(s - m_i[..., None]) * inv_i[..., None]
+            p_ds = p * ds
+            d_lse = d_lse + p_ds.sum(-1)
+            kept = keep(cfg, ops.rng, i, j, p.shape)
+            if kept is not None:
+                p, p_ds = p * kept, p_ds * kept
+            d_acc = d_acc + _bmm(p_ds, vb[j], (2, 1), acc) + _bmm(p, dvb[j], (2, 1), acc)
+            return d_lse, d_acc
+
+        init = (jnp.zeros((batch, cfg.block_q), acc), jnp.zeros((batch, cfg.block_q, dim_v), acc))
+        return jax.lax.fori_loop(0, _kv_stop(cfg, sched, i), kv_step, init)
+
+    d_lse, d_acc = jax.lax.map(q_block, (jnp.arange(cfg.n_q), qb, dqb, m, inv_denom))
+    d_lse, d_acc = join_rows(d_lse, cfg.q_length), join_rows(d_acc, cfg.q_length)
+    return d_acc - d_lse[..., None] * stats.out, d_lse
+
+
 def backward(
-    cfg: TileConfig, ops: Operands, stats: RowStats, d_out: jax.Array, d_lse: jax.Array
+    cfg: TileConfig,
+    ops: Operands,
+    stats: RowStats,
+    d_out: jax.Array,
+    d_lse: jax.Array,
+    *,
+    keep: KeepFn = _tile_keep,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Gradients ``(dq, dk, dv, dweight)`` of the blocked forward (FlashAttention-2 order).
 
@@ -335,9 +437,7 @@ def backward(
     delta = (d_outb * split_rows(stats.out, cfg.block_q)).sum(-1) - split_rows(d_lse, cfg.block_q)
     # dO meets v and p in the matmuls: in the operand dtype, as the inputs.
     d_outb = d_outb.astype(v.dtype)
-    # Padded rows get m = +inf, so weight 0 (never exp overflow from an unknown max).
-    m = split_rows(stats.m, cfg.block_q, jnp.inf)
-    inv_denom = 1.0 / split_rows(stats.denom, cfg.block_q, 1.0)
+    m, inv_denom = _row_weights(cfg, stats)
 
     # Key-major tiles [B, bk, bq]: every matmul below is then NN or NT, which XLA:CPU runs
     # about 3x faster than the TN products (p^T dO, ds^T q) of the query-major layout. For
@@ -347,7 +447,8 @@ def backward(
     def kv_block(j, carry):
         dq, dweight = carry
         k_j, v_j = kb[j], vb[j]
-        head = jnp.minimum(n_full, q_start[j])
+        # Under every_tile: all query tiles, in order, a static trip count.
+        head = n_q if cfg.every_tile else jnp.minimum(n_full, q_start[j])
 
         def q_step(t, inner):
             dk_j, dv_j, dq, dweight = inner
@@ -366,11 +467,11 @@ def backward(
                 s_t = s_t + jnp.swapaxes(bias, -1, -2)
             p_t = jnp.exp(s_t - m[i][:, None, :]) * inv_denom[i][:, None, :]
             dp_t = _bmm(v_j, do_i, (2, 2), acc_dtype)
-            keep = _tile_keep(cfg, rng, i, j, (p_t.shape[0], cfg.block_q, cfg.block_kv))
-            if keep is None:
+            kept = keep(cfg, rng, i, j, (p_t.shape[0], cfg.block_q, cfg.block_kv))
+            if kept is None:
                 dv_j = dv_j + _bmm(p_t, do_i, (2, 1), acc_dtype)
             else:
-                keep_t = jnp.swapaxes(keep, -1, -2)
+                keep_t = jnp.swapaxes(kept, -1, -2)
                 dp_t = dp_t * keep_t
                 dv_j = dv_j + _bmm(p_t * keep_t, do_i, (2, 1), acc_dtype)
             ds_t = p_t * (dp_t - delta[i][:, None, :])
@@ -385,7 +486,8 @@ def backward(
             return dk_j, dv_j, dq.at[i].add(dq_i), dweight
 
         init = (jnp.zeros(k_j.shape, acc_dtype), jnp.zeros(v_j.shape, acc_dtype), dq, dweight)
-        dk_j, dv_j, dq, dweight = jax.lax.fori_loop(0, head + n_q - q_start[j], q_step, init)
+        visits = n_q if cfg.every_tile else head + n_q - q_start[j]
+        dk_j, dv_j, dq, dweight = jax.lax.fori_loop(0, visits, q_step, init)
         return (dq, dweight), (dk_j, dv_j)
 
     def scan_step(carry, j):
@@ -406,6 +508,22 @@ def backward(
     )
 
 
+def with_dropout(
+    name: str, keep: KeepFn, multiplier: Callable[[TileConfig, jax.Array, int], jax.Array]
+) -> Kernel:
+    """This kernel's ``lax`` loops drawing another kernel's dropout mask (``keep`` per tile,
+    ``multiplier`` densely): that kernel's maths in code JAX differentiates."""
+    return Kernel(
+        name=name,
+        config=config,
+        forward=functools.partial(forward, keep=keep),
+        backward=functools.partial(backward, keep=keep),
+        schedule=schedule,
+        dropout_multiplier=multiplier,
+        tangent=functools.partial(tangent, keep=keep),
+    )
+
+
 KERNEL = Kernel(
     name="blocked",
     config=config,
@@ -413,4 +531,5 @@ KERNEL = Kernel(
     backward=backward,
     schedule=schedule,
     dropout_multiplier=dropout_multiplier,
+    tangent=tangent,
 )

@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from luong_attention._src.kernels import blocked
 from luong_attention._src.kernels.api import TileConfig
 from luong_attention._src.primitives.masks import MASK_PENALTY
 from luong_attention._src.primitives.rows import pad_length
@@ -82,6 +83,28 @@ def dropout_multiplier(cfg: TileConfig, rng: jax.Array, batch: int) -> jax.Array
     rows = jnp.arange(cfg.q_length, dtype=jnp.int32)[None, :, None]
     cols = jnp.arange(cfg.kv_length, dtype=jnp.int32)[None, None, :]
     return dropout_scale(cfg.dropout_rate, dropout_seed(rng), b, rows, cols)
+
+
+def tile_keep(
+    cfg: TileConfig, rng: jax.Array | None, i: jax.Array, j: jax.Array, shape: tuple[int, ...]
+) -> jax.Array | None:
+    """The multipliers of tile ``(i, j)`` (``shape = [B, block_q, block_kv]``) of this
+    stream, for the ``lax`` loops of :data:`LAX_TWIN`; ``None`` without dropout."""
+    if cfg.dropout_rate == 0.0:
+        return None
+    batch, rows, cols = (jnp.arange(n, dtype=jnp.int32) for n in shape)
+    return dropout_scale(
+        cfg.dropout_rate,
+        dropout_seed(rng),
+        batch[:, None, None],
+        (i * cfg.block_q + rows)[None, :, None],
+        (j * cfg.block_kv + cols)[None, None, :],
+    )
+
+
+LAX_TWIN = blocked.with_dropout("pallas_lax", tile_keep, dropout_multiplier)
+"""The Pallas kernels' maths and dropout mask in the blocked kernel's ``lax`` loops: their
+tangent pass (forward-mode derivatives) and what their second derivatives differentiate."""
 
 
 def pad_rows(x: jax.Array, length: int, depth: int | None = None, fill: float = 0.0) -> jax.Array:

@@ -432,6 +432,8 @@ KERNEL = Kernel(
     backward=backward,
     schedule=schedule,
     dropout_multiplier=pallas_common.dropout_multiplier,
+    tangent=pallas_common.LAX_TWIN.tangent,
+    differentiable=pallas_common.LAX_TWIN,
 )
 """The Triton kernel, compiled (GPUs; from a CPU it can be lowered, not run)."""
 

@@ -444,4 +444,6 @@ KERNEL = Kernel(
     backward=backward,
     schedule=blocked.schedule,
     dropout_multiplier=pallas_common.dropout_multiplier,
+    tangent=pallas_common.LAX_TWIN.tangent,
+    differentiable=pallas_common.LAX_TWIN,
 )

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike, DTypeLike
 
+from luong_attention._src.primitives.linear import Linear, linear_call
+
 PrecisionLike = jax.lax.Precision | str | None
 ScoreMode = Literal["dot", "concat"]
 
@@ -92,34 +94,51 @@ def narrower_dtype(a: jax.Array, b: jax.Array) -> jnp.dtype:
     return a.dtype if jnp.finfo(a.dtype).bits <= jnp.finfo(b.dtype).bits else b.dtype
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def _low_einsum(spec: str, a: jax.Array, b: jax.Array, out: jnp.dtype, precision) -> jax.Array:
+    """``einsum(spec, a, b)`` on operands rounded to the narrower dtype, summed in ``out``."""
+    low = narrower_dtype(a, b)
+    return jnp.einsum(
+        spec, a.astype(low), b.astype(low), precision=precision, preferred_element_type=out
+    )
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 3, 4))
 def _mixed_product(
     specs: tuple[str, str, str], a: jax.Array, b: jax.Array, out: jnp.dtype, precision
 ) -> jax.Array:
     """``einsum(specs[0], a, b)`` on operands rounded to the narrower dtype, summed in
-    ``out``; the backward's two products take the same low-precision operands (plain
-    autodiff would meet the float32 cotangent with the half operand and multiply in float32).
-    ``a`` and ``b`` have the same batch dims."""
-    low = narrower_dtype(a, b)
-    return jnp.einsum(
-        specs[0], a.astype(low), b.astype(low), precision=precision, preferred_element_type=out
-    )
+    ``out``; its tangent and the backward's two products take the same low-precision
+    operands (plain autodiff would meet the float32 cotangent with the half operand and
+    multiply in float32). ``a`` and ``b`` have the same batch dims."""
+    return _low_einsum(specs[0], a, b, out, precision)
 
 
-def _mixed_product_fwd(specs, a, b, out, precision):
-    return _mixed_product(specs, a, b, out, precision), (a, b)
+@_mixed_product.defjvp
+def _mixed_product_jvp(specs, out, precision, primals, tangents):
+    a, b = primals
+    fn = _mixed_linear(specs, out, precision, a.dtype, b.dtype)
+    return _mixed_product(specs, a, b, out, precision), linear_call(fn, (a, b), tangents)
 
 
-def _mixed_product_bwd(specs, out, precision, residuals, cotangent):
-    a, b = residuals
-    low = narrower_dtype(a, b)
-    ct = cotangent.astype(low)
-    da = jnp.einsum(specs[1], ct, b.astype(low), precision=precision, preferred_element_type=out)
-    db = jnp.einsum(specs[2], ct, a.astype(low), precision=precision, preferred_element_type=out)
-    return da.astype(a.dtype), db.astype(b.dtype)
+def _mixed_linear(specs, out, precision, a_dtype, b_dtype) -> Linear:
+    """The product's tangent ``(da, db) -> da b + a db`` and its transpose, both on
+    low-precision operands with ``out`` accumulation (plain ``einsum`` code, which JAX
+    differentiates further)."""
 
+    def tangent(res, lin):
+        (a, b), (da, db) = res, lin
+        return _low_einsum(specs[0], da, b, out, precision) + _low_einsum(
+            specs[0], a, db, out, precision
+        )
 
-_mixed_product.defvjp(_mixed_product_fwd, _mixed_product_bwd)
+    def transpose(res, ct):
+        a, b = res
+        ct = ct.astype(narrower_dtype(a, b))
+        da = _low_einsum(specs[1], ct, b, out, precision)
+        db = _low_einsum(specs[2], ct, a, out, precision)
+        return da.astype(a_dtype), db.astype(b_dtype)
+
+    return Linear(tangent, transpose, tangent, transpose)
 
 
 def product(

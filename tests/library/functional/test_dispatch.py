@@ -21,8 +21,8 @@ def _arrays(batch, tq, tv, dim, dim_v=3):
 
 
 def _uses_blocked(fn, *args) -> bool:
-    """Whether the traced computation contains the blocked kernel (a custom_vjp call)."""
-    return "custom_vjp_call" in str(jax.make_jaxpr(fn)(*args))
+    """Whether the traced computation contains the blocked kernel (a custom_jvp call)."""
+    return "custom_jvp_call" in str(jax.make_jaxpr(fn)(*args))
 
 
 def test_rule_dot_counts_both_lengths_per_example():
