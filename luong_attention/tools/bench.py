@@ -1,6 +1,7 @@
 """``luong-attention bench``: time and memory of our attention against Keras 3 and jax.nn.
 
-For every row of a table of shapes (both score modes, forward and forward+grad) it checks
+For every row of a table of shapes (both score modes; forward, forward+grad, and for "dot"
+the forward-mode ``jvp`` and the forward-over-reverse Hessian-vector product ``hvp``) it checks
 that the implementations agree, then times them in this process, interleaved (each in turn
 an untimed then a timed call, repeated; the median is reported), and measures memory as the
 peak RSS growth of a child process running one compiled call. It writes ``bench.json`` and two plots
@@ -80,6 +81,8 @@ def _rows(quick: bool) -> list[dict[str, Any]]:
             dict(mode="concat", batch=2, length=64, dim=16, kind="grad"),
             dict(mode="dot", batch=2, length=64, dim=16, kind="grad", causal=True),
             dict(mode="dot", batch=2, length=64, dim=16, kind="fwd", dtype="bfloat16"),
+            dict(mode="dot", batch=2, length=64, dim=16, kind="jvp"),
+            dict(mode="dot", batch=2, length=64, dim=16, kind="hvp"),
         ]
         return [
             dict(
@@ -125,6 +128,23 @@ def _rows(quick: bool) -> list[dict[str, Any]]:
         for batch, t in shapes
         for kind in ("fwd", "grad")
     ]
+    # Forward mode (issue 19): jax.jvp and the forward-over-reverse Hessian-vector product,
+    # beside forward and gradient of the same shapes (tagged too: one --only run has them all).
+    rows += [
+        dict(mode="dot", batch=1, length=t, dim=64, kind=kind, tags=["forward-mode"])
+        for t in (1024, 4096, 8192)
+        for kind in ("jvp", "hvp")
+    ]
+    rows.append(
+        dict(mode="dot", batch=1, length=65536, dim=64, kind="jvp", tags=["scale", "forward-mode"])
+    )
+    for row in rows:
+        if (
+            row["kind"] in ("fwd", "grad")
+            and row["length"] in (1024, 4096, 8192)
+            and not (row["tags"] or row["mode"] != "dot")
+        ):
+            row["tags"] = ["forward-mode"]
     # Batches of short and of long rows: the dispatch rule's batch clause.
     rows += [
         dict(mode=mode, batch=batch, length=t, dim=64, kind=kind, tags=["batched"])
@@ -157,6 +177,8 @@ def _available(impl: str, row: dict[str, Any]) -> bool:
     """Whether ``impl`` runs on ``row`` (jax.nn has no concat; dense paths have a size cap)."""
     if impl in ("jax.nn", "torch") and row["mode"] != "dot":
         return False
+    if impl == "torch" and row["kind"] not in ("fwd", "grad"):
+        return False  # forward mode through its SDPA is not what torch users run
     if impl == "jax.nn" and row["dtype"] == "float16" and jax.default_backend() == "cpu":
         return False  # its float16 einsum asks for F16_F16_F32, which XLA:CPU rejects
     if impl == "torch" and importlib.util.find_spec("torch") is None:
@@ -197,18 +219,23 @@ def _built_keras(forward: Callable, dim: int) -> Callable:
 
 
 def _compiled(impl: str, row: dict[str, Any]) -> Callable:
-    """The jitted forward, or forward+grad with respect to query, key and value."""
+    """The jitted pass of ``row["kind"]`` with respect to query, key and value: ``fwd``,
+    ``grad`` (forward+gradient), ``jvp`` (output and its tangent) or ``hvp`` (the gradient's
+    tangent: forward over reverse)."""
     forward = _forward_fn(impl, row["mode"], row.get("causal", False), row["dtype"])
     if impl == "keras":
         forward = _built_keras(forward, row["dim"])
     if row["kind"] == "fwd":
         return jax.jit(forward)
     # A fixed non-uniform cotangent, so no implementation can shortcut the backward pass.
-    return jax.jit(
-        jax.grad(
-            lambda q, k, v: (forward(q, k, v) * v[..., :1]).astype(jnp.float32).sum(), (0, 1, 2)
-        )
+    grad = jax.grad(
+        lambda q, k, v: (forward(q, k, v) * v[..., :1]).astype(jnp.float32).sum(), (0, 1, 2)
     )
+    if row["kind"] == "grad":
+        return jax.jit(grad)
+    # Tangents: the inputs in another order (non-uniform, no shortcut either).
+    pushed = forward if row["kind"] == "jvp" else grad
+    return jax.jit(lambda q, k, v: jax.jvp(pushed, (q, k, v), (v, q, k)))
 
 
 def _max_diff(a: Any, b: Any) -> float:
@@ -442,9 +469,26 @@ def _summary(
                     mem["ours"]["rss_growth_bytes"], 1
                 )
         if "scale" in row["tags"] and mem.get("ours"):
-            out["scale-rss-growth-gib"] = mem["ours"]["rss_growth_bytes"] / 2**30
-            out["scale-seconds"] = mem["ours"]["seconds"]
+            prefix = "scale" if row["kind"] == "grad" else f"{row['kind']}-scale"
+            out[prefix + "-rss-growth-gib"] = mem["ours"]["rss_growth_bytes"] / 2**30
+            out[prefix + "-seconds"] = mem["ours"]["seconds"]
+    out.update(_forward_mode_ratios(rows))
     return out
+
+
+def _forward_mode_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """``ours`` jvp / forward and hvp / gradient time at each length of the forward-mode rows."""
+    ours = {
+        (r["length"], r["kind"]): r["time_s"]["ours"]
+        for r in rows
+        if "forward-mode" in r["tags"] and "ours" in r.get("time_s", {})
+    }
+    return {
+        f"{kind}/{base} T={t}": ours[t, kind] / ours[t, base]
+        for (t, kind) in ours
+        for base in [{"jvp": "fwd", "hvp": "grad"}.get(kind)]
+        if base and (t, base) in ours
+    }
 
 
 def _shape_key(row: dict[str, Any]) -> tuple:
@@ -461,8 +505,9 @@ def _plot(rows: list[dict[str, Any]], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # The B=1, dim 64 grid: untagged rows plus the T=8192 memory and T=65536 scale rows.
-    grid = [r for r in rows if set(r["tags"]) <= {"dot-memory", "scale"}]
+    # The B=1, dim 64 grid: untagged rows, the forward-mode rows and the T=8192 memory and
+    # T=65536 scale rows.
+    grid = [r for r in rows if set(r["tags"]) <= {"dot-memory", "scale", "forward-mode"}]
     if not grid:
         return []
     panels = sorted({(r["mode"], r["kind"]) for r in grid})
@@ -558,7 +603,9 @@ def run(args: argparse.Namespace) -> None:
         impls = [i for i in IMPLS if _available(i, row)]
         if "scale" in row["tags"]:
             impls = []  # one call only, timed in the memory child
-        elif row["tags"] and not {"batched", "causal"} & set(row["tags"]):
+        elif row["kind"] in ("jvp", "hvp") or (
+            row["tags"] and not {"batched", "causal", "forward-mode"} & set(row["tags"])
+        ):
             impls = [i for i in impls if i in ("ours", *PEERS, "torch")]
         row["impls"] = impls
         torch_memory = None

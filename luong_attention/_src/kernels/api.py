@@ -12,9 +12,10 @@ the sequence-parallel strategies) see it only through this module:
   (unnormalised) accumulator in float32, ``[B, Tq]``, ``[B, Tq]``, ``[B, Tq, dim_v]``, with
   :func:`merge`, :func:`finalise` and :func:`logsumexp`;
 * :class:`Kernel`: ``config``, ``forward`` (operands to a state), ``backward`` (gradients from
-  the saved :class:`RowStats`), ``schedule`` (which tiles a call visits) and
-  ``dropout_multiplier`` (the dropout mask a call draws, as one dense array);
-* :func:`attend`: any kernel's forward and backward as one differentiable function.
+  the saved :class:`RowStats`), ``tangent`` (forward-mode tangents from them),
+  ``schedule`` (which tiles a call visits) and ``dropout_multiplier`` (the dropout mask a
+  call draws, as one dense array);
+* :func:`attend`: any kernel as one function JAX differentiates in every mode, to any order.
 
 A kernel's own layout (the blocked kernel stores its tiles block-major) stays its business.
 """
