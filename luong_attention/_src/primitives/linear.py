@@ -148,32 +148,26 @@ def _float(x) -> bool:
 
 
 def _jvp(primals, tangents, **params):
-    trees = params["trees"]
-    n_res = trees[0].num_leaves
-    res, lin = list(primals[:n_res]), list(primals[n_res:])
-    d_res, d_lin = tangents[:n_res], tangents[n_res:]
-    outs = linear_p.bind(*res, *lin, **params)
-    terms = []
-    if any(type(t) is not ad.Zero for t in d_lin):
-        terms.append(linear_p.bind(*res, *map(ad.instantiate_zeros, d_lin), **params))
-    moving = [i for i, t in enumerate(d_res) if type(t) is not ad.Zero and _float(res[i])]
-    if moving:
+    """Linear in ``lin``: the call on the tangents of ``lin``. When the residuals move too
+    (second order), the whole call goes through ``jax.jvp`` of the reference, in one pass
+    for the primal and both tangent terms."""
+    n_res = params["trees"][0].num_leaves
+    res = primals[:n_res]
+    moving = [i for i, t in enumerate(tangents) if type(t) is not ad.Zero and _float(primals[i])]
+    if not any(i < n_res for i in moving):
+        outs = linear_p.bind(*primals, **params)
+        if not moving:
+            return outs, [ad.Zero(jax.core.get_aval(o).to_tangent_aval()) for o in outs]
+        lin_tangents = map(ad.instantiate_zeros, tangents[n_res:])
+        return outs, linear_p.bind(*res, *lin_tangents, **params)
 
-        def reference(*moved):
-            args = list(res)
-            for i, x in zip(moving, moved, strict=True):
-                args[i] = x
-            return _run("reference", (*args, *lin), **params)
+    def reference(*moved):
+        args = list(primals)
+        for i, x in zip(moving, moved, strict=True):
+            args[i] = x
+        return _run("reference", args, **params)
 
-        primal_args = [res[i] for i in moving]
-        tangent_args = [ad.instantiate_zeros(d_res[i]) for i in moving]
-        terms.append(jax.jvp(reference, primal_args, tangent_args)[1])
-    if not terms:
-        return outs, [ad.Zero(jax.core.get_aval(o).to_tangent_aval()) for o in outs]
-    total = terms[0]
-    for term in terms[1:]:
-        total = [a + b for a, b in zip(total, term, strict=True)]
-    return outs, total
+    return jax.jvp(reference, [primals[i] for i in moving], [tangents[i] for i in moving])
 
 
 def _transpose(cts, *args, fn, trees, avals, levels, effect_set):
