@@ -195,6 +195,13 @@ def _forward_kernel(cfg: TileConfig, sched, q_ref, k_ref, v_ref, bias_ref, *refs
         m_out[...], l_out[...], acc_out[...] = m_scr[...], l_scr[...], acc_scr[...]
 
 
+def _weights(cfg: TileConfig, sched, refs, m_ref, il_ref, i: jax.Array, j: jax.Array):
+    """``p = exp(s - m) / denom`` ``[block_q, block_kv]`` of tile ``(i, j)`` from ``refs = (q,
+    k, bias)`` and the rows' final max and ``1 / denom`` (lane-replicated ``[block_q, 128]``)."""
+    s = _scores(cfg, sched, *refs, i, j)
+    return jnp.exp(s - _lanes(m_ref[...], cfg.block_kv)) * _lanes(il_ref[...], cfg.block_kv)
+
+
 def _tile_grads(cfg: TileConfig, sched, refs, b: jax.Array, i: jax.Array, j: jax.Array):
     """Recomputed weights ``p`` (times the dropout multiplier) and score gradients ``ds``
     (``[block_q, block_kv]``, f32).
@@ -203,8 +210,7 @@ def _tile_grads(cfg: TileConfig, sched, refs, b: jax.Array, i: jax.Array, j: jax
     lane-replicated ``[block_q, 128]``; ``delta = rowsum(d_out * out) - d_lse``.
     """
     q_ref, k_ref, v_ref, bias_ref, do_ref, m_ref, il_ref, delta_ref = refs
-    s = _scores(cfg, sched, q_ref, k_ref, bias_ref, i, j)
-    p = jnp.exp(s - _lanes(m_ref[...], cfg.block_kv)) * _lanes(il_ref[...], cfg.block_kv)
+    p = _weights(cfg, sched, (q_ref, k_ref, bias_ref), m_ref, il_ref, i, j)
     dp = jax.lax.dot_general(do_ref[...], v_ref[...], _NT, preferred_element_type=jnp.float32)
     keep = _dropout(cfg, sched, b, i, j)
     if keep is None:
@@ -437,6 +443,14 @@ def backward(
     return dq[:, :tq, :depth], dk[:, :tv, :depth], dv[:, :tv, : v.shape[-1]], zero
 
 
+def tangent(cfg: TileConfig, ops: Operands, stats: RowStats, d_ops: tuple):
+    """Tangents ``(d_out, d_lse)``: :func:`.pallas_tpu_tangent.tangent` (which imports this
+    module, so it is imported here at the first call)."""
+    from luong_attention._src.kernels import pallas_tpu_tangent
+
+    return pallas_tpu_tangent.tangent(cfg, ops, stats, d_ops)
+
+
 KERNEL = Kernel(
     name="pallas_tpu",
     config=config,
@@ -444,6 +458,6 @@ KERNEL = Kernel(
     backward=backward,
     schedule=blocked.schedule,
     dropout_multiplier=pallas_common.dropout_multiplier,
-    tangent=pallas_common.LAX_TWIN.tangent,
+    tangent=tangent,
     differentiable=pallas_common.LAX_TWIN,
 )
