@@ -10,7 +10,8 @@ float32 softmax statistics for float32, bfloat16 and float16 operands. Three
 forward on a ``(B, n_q)`` grid (a loop over key tiles, online softmax, the unnormalised
 state out); dK/dV on ``(B, n_kv)`` (a loop over the query tiles that see the key tile); dQ
 on ``(B, n_q)``. Both recompute ``p = exp(s - m) / denom`` from the rows' final statistics,
-with ``delta = rowsum(d_out * out) - d_lse`` computed by XLA.
+with ``delta = rowsum(d_out * out) - d_lse`` computed by XLA. Forward mode has a fourth, laid
+out as the forward: the tangent pass of :mod:`.pallas_gpu_tangent`.
 
 Triton wants power-of-two tiles of at least 16 rows for ``dot``: blocks are powers of two
 >= 16 and depths are zero-padded to one (zero features change no score). float32 operands
@@ -424,8 +425,7 @@ def backward(
 
 
 def tangent(cfg: TileConfig, ops: Operands, stats: RowStats, d_ops: tuple, *, interpret=False):
-    """Tangents ``(d_out, d_lse)``: :func:`.pallas_gpu_tangent.tangent` (which imports this
-    module, so it is imported here at the first call)."""
+    """:func:`.pallas_gpu_tangent.tangent`, imported at the first call (it imports us)."""
     from luong_attention._src.kernels import pallas_gpu_tangent
 
     return pallas_gpu_tangent.tangent(cfg, ops, stats, d_ops, interpret=interpret)

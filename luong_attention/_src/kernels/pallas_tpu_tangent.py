@@ -95,12 +95,12 @@ def tangent(
         _lane_rows(1.0 / stats.denom, rows_p, 1.0),
     ]
     rows, keys, bias_spec = _specs(cfg, False, args[3].shape[0] > 1)
+    operands = [rows(width), keys(width), keys(width_v)]  # q, k, v; then dq, dk, dv
     d_acc, d_lse = _call(
         functools.partial(_tangent_kernel, cfg),
         (batch, cfg.n_q, cfg.n_kv),
         sched,
-        [rows(width), keys(width), keys(width_v), bias_spec]
-        + [rows(width), keys(width), keys(width_v), rows(LANES), rows(LANES)],
+        [*operands, bias_spec, *operands, rows(LANES), rows(LANES)],
         [rows(width_v), rows(LANES)],
         [jax.ShapeDtypeStruct((batch, rows_p, w), jnp.float32) for w in (width_v, LANES)],
         [pltpu.VMEM((cfg.block_q, w), jnp.float32) for w in (width_v, LANES)],
