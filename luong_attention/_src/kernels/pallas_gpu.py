@@ -10,7 +10,8 @@ float32 softmax statistics for float32, bfloat16 and float16 operands. Three
 forward on a ``(B, n_q)`` grid (a loop over key tiles, online softmax, the unnormalised
 state out); dK/dV on ``(B, n_kv)`` (a loop over the query tiles that see the key tile); dQ
 on ``(B, n_q)``. Both recompute ``p = exp(s - m) / denom`` from the rows' final statistics,
-with ``delta = rowsum(d_out * out) - d_lse`` computed by XLA.
+with ``delta = rowsum(d_out * out) - d_lse`` computed by XLA. Forward mode has a fourth, laid
+out as the forward: the tangent pass of :mod:`.pallas_gpu_tangent`.
 
 Triton wants power-of-two tiles of at least 16 rows for ``dot``: blocks are powers of two
 >= 16 and depths are zero-padded to one (zero features change no score). float32 operands
@@ -379,10 +380,8 @@ def backward(
     tq, dvp = x.q.shape[1], x.v.shape[-1]
     # d lse / d s = p, so the lse cotangent enters as a shift of the usual row term.
     delta = (d_out.astype(jnp.float32) * stats.out.astype(jnp.float32)).sum(-1) - d_lse
-    row_stats = (
-        pallas_common.pad_rows(
-            stats.m.astype(jnp.float32), tq, fill=jnp.inf
-        ),  # padded rows: weight 0
+    row_stats = (  # padded rows: m = +inf, weight 0
+        pallas_common.pad_rows(stats.m.astype(jnp.float32), tq, fill=jnp.inf),
         pallas_common.pad_rows(stats.denom.astype(jnp.float32), tq, fill=1.0),
         pallas_common.pad_rows(delta.astype(jnp.float32), tq),
     )
@@ -425,6 +424,13 @@ def backward(
     )
 
 
+def tangent(cfg: TileConfig, ops: Operands, stats: RowStats, d_ops: tuple, *, interpret=False):
+    """:func:`.pallas_gpu_tangent.tangent`, imported at the first call (it imports us)."""
+    from luong_attention._src.kernels import pallas_gpu_tangent
+
+    return pallas_gpu_tangent.tangent(cfg, ops, stats, d_ops, interpret=interpret)
+
+
 KERNEL = Kernel(
     name="pallas_gpu",
     config=config,
@@ -432,7 +438,7 @@ KERNEL = Kernel(
     backward=backward,
     schedule=schedule,
     dropout_multiplier=pallas_common.dropout_multiplier,
-    tangent=pallas_common.LAX_TWIN.tangent,
+    tangent=tangent,
     differentiable=pallas_common.LAX_TWIN,
 )
 """The Triton kernel, compiled (GPUs; from a CPU it can be lowered, not run)."""
@@ -441,5 +447,6 @@ INTERPRET_KERNEL = KERNEL._replace(
     name="pallas_gpu_interpret",
     forward=functools.partial(forward, interpret=True),
     backward=functools.partial(backward, interpret=True),
+    tangent=functools.partial(tangent, interpret=True),
 )
 """The same kernel in the Pallas interpreter: runs anywhere (CPUs, tests), slowly."""

@@ -1,7 +1,8 @@
 """The Pallas TPU (Mosaic) kernel: :data:`KERNEL`, ``"dot"`` scores only.
 
 The blocked kernel's maths (:mod:`luong_attention._src.kernels.blocked`, the reference for
-every rule below) as three ``pl.pallas_call`` s, FlashAttention style:
+every rule below) as three ``pl.pallas_call`` s, FlashAttention style, and a fourth for
+forward mode (:mod:`.pallas_tpu_tangent`, laid out as the forward):
 
 * forward, grid ``(B, n_q, n_kv)``: the key axis innermost and ``"arbitrary"``; the running
   max, denominator and unnormalised accumulator live in float32 VMEM scratch across key
@@ -25,19 +26,15 @@ value depth are zero-padded to multiples of 128 lanes (zeros change no dot produ
 lengths are padded to whole blocks, and per-row statistics are stored lane-replicated as
 ``[rows, 128]`` (as jax's kernel does). Statistics must be float32 (no float64 in Mosaic).
 
-``"concat"`` stays with the blocked ``lax`` kernel on TPUs (decided on paper). A
-``[block_q, block_kv, depth]`` tile of 128 x 128 x 128 costs 2M tanh (EUP) and 4M adds (VPU),
-with 8 MiB of float32 intermediates, for 64-128 KiB of ``q``/``k`` operands: 16-32 tanh per
-byte, so it is bound by the EUP's tanh rate, not by HBM (819 GB/s on v5e would feed
-13-26 T tanh/s). The MXU, a Pallas kernel's main gain, cannot do this work: the same tile of
-``"dot"`` is 2M multiply-adds, about 20 ns at v5e's 197 TFLOP/s, while at an assumed 1024
-tanh per cycle (one vreg) at 1.5 GHz the tanh alone takes about 1.4 us. In a kernel the tile would
-need a loop over depth slices to fit 16-32 MiB of scoped VMEM (the backward also needs
-``1 - tanh**2`` per element) and would still spend its time where XLA's fused
-broadcast-tanh-reduce in the blocked kernel does. So :func:`config` refuses ``"concat"``
-with a ValueError and the dispatcher routes it to the blocked kernel. Dropout masks come
-in-tile from :mod:`.pallas_common`'s counter-based hash (seed: the schedule array's last
-entry), the same in the forward, both backward kernels and the GPU kernel.
+``"concat"`` stays with the blocked ``lax`` kernel on TPUs (decided on paper): a 128 x 128 x
+128 tile costs 2M tanh (EUP) and 4M adds (VPU), 8 MiB of float32 intermediates, for 64-128
+KiB of ``q``/``k``: bound by the EUP's tanh rate (about 1.4 us at an assumed 1024 tanh a
+cycle at 1.5 GHz), not by HBM, and the MXU (a kernel's main gain: the same ``"dot"`` tile is
+about 20 ns on v5e) cannot help. A kernel would loop over depth slices to fit scoped VMEM
+(the backward adds ``1 - tanh**2``) and spend its time where XLA's fused
+broadcast-tanh-reduce does. :func:`config` refuses ``"concat"`` (ValueError; the dispatcher
+routes it to the blocked kernel). Dropout masks come in-tile from :mod:`.pallas_common`'s
+hash (seed: the schedule array's last entry), the same in every kernel, GPU's included.
 """
 
 from __future__ import annotations
@@ -195,6 +192,13 @@ def _forward_kernel(cfg: TileConfig, sched, q_ref, k_ref, v_ref, bias_ref, *refs
         m_out[...], l_out[...], acc_out[...] = m_scr[...], l_scr[...], acc_scr[...]
 
 
+def _weights(cfg: TileConfig, sched, refs, m_ref, il_ref, i: jax.Array, j: jax.Array):
+    """``p = exp(s - m) / denom`` ``[block_q, block_kv]`` of tile ``(i, j)`` from ``refs = (q,
+    k, bias)`` and the rows' final max and ``1 / denom`` (lane-replicated ``[block_q, 128]``)."""
+    s = _scores(cfg, sched, *refs, i, j)
+    return jnp.exp(s - _lanes(m_ref[...], cfg.block_kv)) * _lanes(il_ref[...], cfg.block_kv)
+
+
 def _tile_grads(cfg: TileConfig, sched, refs, b: jax.Array, i: jax.Array, j: jax.Array):
     """Recomputed weights ``p`` (times the dropout multiplier) and score gradients ``ds``
     (``[block_q, block_kv]``, f32).
@@ -203,8 +207,7 @@ def _tile_grads(cfg: TileConfig, sched, refs, b: jax.Array, i: jax.Array, j: jax
     lane-replicated ``[block_q, 128]``; ``delta = rowsum(d_out * out) - d_lse``.
     """
     q_ref, k_ref, v_ref, bias_ref, do_ref, m_ref, il_ref, delta_ref = refs
-    s = _scores(cfg, sched, q_ref, k_ref, bias_ref, i, j)
-    p = jnp.exp(s - _lanes(m_ref[...], cfg.block_kv)) * _lanes(il_ref[...], cfg.block_kv)
+    p = _weights(cfg, sched, (q_ref, k_ref, bias_ref), m_ref, il_ref, i, j)
     dp = jax.lax.dot_general(do_ref[...], v_ref[...], _NT, preferred_element_type=jnp.float32)
     keep = _dropout(cfg, sched, b, i, j)
     if keep is None:
@@ -403,8 +406,7 @@ def backward(
     batch, rows_p, keys_p = q.shape[0], cfg.n_q * cfg.block_q, cfg.n_kv * cfg.block_kv
     # d lse / d s = p, so the lse cotangent enters as a shift of the row term D.
     delta = (d_out.astype(jnp.float32) * stats.out).sum(-1) - d_lse
-    # dO meets v and p in the matmuls, in the operand dtype; padded rows get m = +inf
-    # (weight 0).
+    # dO meets v and p in the matmuls, in the operand dtype; padded rows: m = +inf, p = 0.
     args += [
         pallas_common.pad_rows(d_out.astype(v.dtype), rows_p, width_v),
         _lane_rows(stats.m, rows_p, jnp.inf),
@@ -433,8 +435,15 @@ def backward(
     dk, dv = call(True, _dkv_kernel, [(width, k.dtype), (width_v, v.dtype)])
     (dq,) = call(False, _dq_kernel, [(width, q.dtype)])
     tq, tv, depth = cfg.q_length, cfg.kv_length, q.shape[-1]
-    zero = jnp.zeros((), ops.weight.dtype)
-    return dq[:, :tq, :depth], dk[:, :tv, :depth], dv[:, :tv, : v.shape[-1]], zero
+    dv = dv[:, :tv, : v.shape[-1]]
+    return dq[:, :tq, :depth], dk[:, :tv, :depth], dv, jnp.zeros((), ops.weight.dtype)
+
+
+def tangent(cfg: TileConfig, ops: Operands, stats: RowStats, d_ops: tuple):
+    """:func:`.pallas_tpu_tangent.tangent`, imported at the first call (it imports us)."""
+    from luong_attention._src.kernels import pallas_tpu_tangent
+
+    return pallas_tpu_tangent.tangent(cfg, ops, stats, d_ops)
 
 
 KERNEL = Kernel(
@@ -444,6 +453,6 @@ KERNEL = Kernel(
     backward=backward,
     schedule=blocked.schedule,
     dropout_multiplier=pallas_common.dropout_multiplier,
-    tangent=pallas_common.LAX_TWIN.tangent,
+    tangent=tangent,
     differentiable=pallas_common.LAX_TWIN,
 )

@@ -217,9 +217,10 @@ def _lowered(fn, *args):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_lowers_for_cuda_as_triton_calls(causal, dtype):
-    """Forward (one Triton call) and forward plus gradient (three: forward, dK/dV, dQ) of a
-    masked or causal call lower for CUDA from this CPU with every kernel a Triton custom call:
-    no Mosaic GPU call, no interpreter loop."""
+    """Forward (one Triton call), forward plus gradient (three: forward, dK/dV, dQ) and
+    forward plus ``jax.jvp`` tangent (two: forward, tangent) of a masked or causal call lower
+    for CUDA from this CPU with every kernel a Triton custom call: no Mosaic GPU call, no
+    interpreter loop."""
     q, k, v = _inputs(seed=6, dtype=dtype)
     value_mask = None if causal else _value_mask(seed=7)
 
@@ -238,11 +239,15 @@ def test_lowers_for_cuda_as_triton_calls(causal, dtype):
     def gradient(q, k, v):
         return jax.grad(lambda *a: forward(*a).astype(jnp.float32).sum(), (0, 1, 2))(q, k, v)
 
-    for fn, calls in ((forward, 1), (gradient, 3)):
+    def tangent(q, k, v):
+        return jax.jvp(forward, (q, k, v), (q, k, v))
+
+    for fn, calls in ((forward, 1), (gradient, 3), (tangent, 2)):
         text = _lowered(fn, q, k, v)
         targets = re.findall(r"stablehlo\.custom_call @([\w$.]+)", text)
         assert targets == [TRITON_CALL] * calls, targets
         assert "stablehlo.while" not in text  # the interpreter would loop in HLO
+    assert "luong_pallas_gpu_tangent" in text  # the tangent pass's kernel
 
 
 @pytest.mark.parametrize("accelerator", ["gpu", "tpu"])

@@ -270,7 +270,8 @@ def test_exports_for_tpu_as_mosaic_kernels(causal):
 
 def test_attention_with_pallas_platform_tpu_exports_the_mosaic_kernels():
     """The public path: ``attention(implementation="pallas", pallas_platform="tpu")``
-    (scale, value mask, causal), forward + gradient exported for ``tpu`` from this CPU."""
+    (scale, value mask, causal), forward + gradient and forward + ``jax.jvp`` tangent
+    exported for ``tpu`` from this CPU."""
     shapes = (
         jax.ShapeDtypeStruct((3, 40, 16), jnp.float32),
         jax.ShapeDtypeStruct((3, 200, 16), jnp.float32),
@@ -296,6 +297,14 @@ def test_attention_with_pallas_platform_tpu_exports_the_mosaic_kernels():
     text = jax.export.export(jax.jit(fn), platforms=["tpu"])(*shapes).mlir_module()
     assert text.count("stablehlo.custom_call @tpu_custom_call") == 3
     assert "callback" not in text
+
+    def tangent(q, k, v, mask, scale):
+        """Forward mode: the forward and the tangent pass, two Mosaic kernels."""
+        return jax.jvp(lambda *a: loss(*a, mask, scale), (q, k, v), (k[:, :40], k, v))
+
+    text = jax.export.export(jax.jit(tangent), platforms=["tpu"])(*shapes).mlir_module()
+    assert text.count("stablehlo.custom_call @tpu_custom_call") == 2
+    assert 'kernel_name = "_tangent_kernel"' in text and "callback" not in text
 
 
 @pytest.mark.parametrize(
