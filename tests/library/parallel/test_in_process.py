@@ -243,7 +243,7 @@ def test_each_step_runs_the_backends_kernel(monkeypatch, backend, kernel):
 
 # Forward mode and second order (issue 19): the strategies as functions of the whole
 # arrays, laid out with jnp so that JAX differentiates through the layout, against the dense
-# XLA core. Sizes all distinct: B=3, Tq, Tv, depth 5, dim_v 3 (see _inputs).
+# XLA core. Sizes all distinct: B=2, Tq, Tv, depth 5, dim_v 3 (see _inputs).
 JVP_TOL = {"rtol": 1e-4, "atol": 1e-4}
 
 
@@ -330,19 +330,12 @@ def _primals_and_tangents(batch, tq, tv, seed):
     return primals, tangents, value_mask
 
 
-# (score_mode, causal, devices, layout, q_length, kv_length)
-RING_JVP_CASES = [
-    ("dot", True, 4, "contiguous", 7, 11),
-    ("concat", True, 2, "zigzag", 12, 8),
-    ("dot", False, 3, "zigzag", 10, 13),
-]
-
-
-@pytest.mark.parametrize(("score_mode", "causal", "devices", "layout", "tq", "tv"), RING_JVP_CASES)
-def test_ring_jvp_equals_core(score_mode, causal, devices, layout, tq, tv):
-    primals, tangents, mask = _primals_and_tangents(3, tq, tv, seed=11)
-    parts = 2 if layout == "zigzag" else 1
-    ring = _ring_attention(score_mode, causal, devices, parts, mask, tq, tv)
+def test_ring_jvp_equals_core():
+    """Causal "concat", zigzag on 2 devices (pairs above the diagonal skipped), fully masked
+    rows; "dot", contiguous, on 4 devices: multidevice_cases.py through shard_map."""
+    score_mode, causal, devices, tq, tv = "concat", True, 2, 12, 8
+    primals, tangents, mask = _primals_and_tangents(2, tq, tv, seed=11)
+    ring = _ring_attention(score_mode, causal, devices, 2, mask, tq, tv)
     out, d_out = jax.jit(lambda p, t: jax.jvp(ring, p, t))(primals, tangents)
     ref_out, ref_d_out = jax.jvp(_core_attention(score_mode, causal, mask), primals, tangents)
     np.testing.assert_allclose(out, ref_out, **TOL)
@@ -350,13 +343,11 @@ def test_ring_jvp_equals_core(score_mode, causal, devices, layout, tq, tv):
 
 
 # (score_mode, causal, devices, q_length, kv_length)
-REPLICATED_JVP_CASES = [("dot", True, 4, 7, 11), ("concat", False, 3, 6, 13)]
-
-
-@pytest.mark.parametrize(("score_mode", "causal", "devices", "tq", "tv"), REPLICATED_JVP_CASES)
-def test_replicated_jvp_equals_core(score_mode, causal, devices, tq, tv):
-    """The output is replicated: its tangent is whole on every device."""
-    primals, tangents, mask = _primals_and_tangents(3, tq, tv, seed=13)
+def test_replicated_jvp_equals_core():
+    """Non-causal "concat" on 3 devices; the output is replicated: its tangent is whole on
+    every device."""
+    score_mode, causal, devices, tq, tv = "concat", False, 3, 6, 13
+    primals, tangents, mask = _primals_and_tangents(2, tq, tv, seed=13)
     replicated = _replicated_attention(score_mode, causal, devices, mask, tq, tv)
     out, d_out = jax.jit(lambda p, t: jax.jvp(replicated, p, t))(primals, tangents)
     ref_out, ref_d_out = jax.jvp(_core_attention(score_mode, causal, mask), primals, tangents)
@@ -365,34 +356,47 @@ def test_replicated_jvp_equals_core(score_mode, causal, devices, tq, tv):
         np.testing.assert_allclose(d_out[device], ref_d_out, **JVP_TOL)
 
 
-def _second_order(attention, primals, tangents, cotangent):
-    """Reverse over reverse: the gradient of ``<grad <out, cotangent>, tangents>``."""
+def _hessian_vector(attention, primals, tangents, cotangent, forward):
+    """``H t`` of ``<attention(*primals), cotangent>`` for ``t = tangents``: forward over
+    reverse (as ``jax.hessian``) or reverse over reverse (the gradient of ``<grad, t>``)."""
 
     def loss(*args):
         return jnp.sum(attention(*args) * cotangent)
 
+    grad = jax.grad(loss, argnums=range(5))
+    if forward:
+        return jax.jvp(grad, primals, tangents)[1]
+
     def directional(*args):
-        grads = jax.grad(loss, argnums=range(5))(*args)
-        return sum(jnp.vdot(g, t) for g, t in zip(grads, tangents, strict=True))
+        return sum(jnp.vdot(g, t) for g, t in zip(grad(*args), tangents, strict=True))
 
     return jax.grad(directional, argnums=range(5))(*primals)
 
 
-@pytest.mark.parametrize("strategy", ["ring", "replicated"])
-def test_grad_of_grad_equals_core(strategy):
-    """Causal "concat" with a fully masked row and padding keys, zigzag for the ring."""
+@pytest.mark.parametrize(
+    ("strategy", "forward"),
+    [
+        ("ring", True),
+        ("replicated", False),
+        pytest.param("ring", False, marks=pytest.mark.slow),
+    ],
+)
+def test_second_order_equals_core(strategy, forward):
+    """Causal "dot" on 2 devices with fully masked rows and padding keys (9 keys)."""
     tq, tv, devices = 6, 9, 2
-    primals, tangents, mask = _primals_and_tangents(3, tq, tv, seed=17)
-    cotangent = np.random.default_rng(19).normal(size=(3, tq, 3)).astype(np.float32)
+    primals, tangents, mask = _primals_and_tangents(2, tq, tv, seed=17)
+    cotangent = np.random.default_rng(19).normal(size=(2, tq, 3)).astype(np.float32)
     if strategy == "ring":
-        attention = _ring_attention("concat", True, devices, 2, mask, tq, tv)
+        attention = _ring_attention("dot", True, devices, 1, mask, tq, tv)
     else:
-        replicated = _replicated_attention("concat", True, devices, mask, tq, tv)
+        replicated = _replicated_attention("dot", True, devices, mask, tq, tv)
 
         def attention(*args):
             return replicated(*args).mean(0)
 
-    got = jax.jit(_second_order, static_argnums=0)(attention, primals, tangents, cotangent)
-    want = _second_order(_core_attention("concat", True, mask), primals, tangents, cotangent)
+    hvp = jax.jit(_hessian_vector, static_argnums=(0, 4))
+    got = hvp(attention, primals, tangents, cotangent, forward)
+    core = _core_attention("dot", True, mask)
+    want = _hessian_vector(core, primals, tangents, cotangent, forward)
     for name, g, w in zip(("query", "key", "value", "scale", "weight"), got, want, strict=True):
         np.testing.assert_allclose(g, w, **JVP_TOL, err_msg=name)
