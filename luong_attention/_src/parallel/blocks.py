@@ -7,10 +7,15 @@ states (:func:`~luong_attention._src.kernels.api.merge`) across blocks and devic
 This module is also the one path for *fully masked rows*, queries that see no key in the whole
 sequence. The core gives them the softmax over all real keys of ``score - 1e9`` (Keras's fill,
 about the mean of the values). Their state is computed exactly, for every block including
-those the causal mask skips, by :func:`masked_row_stats` (and its pull-back
-:func:`masked_row_grads`), in chunks of queries; the kernel's values for them are discarded.
-Max and denominator are kept apart, so the ``-1e9`` scale costs no precision, and padding
-keys (added to split the sequence evenly) never count.
+those the causal mask skips, by :func:`masked_row_stats` (its push-forward
+:func:`masked_row_tangent` and pull-back :func:`masked_row_grads`), in chunks of queries;
+the kernel's values for them are discarded. Max and denominator are kept apart, so the
+``-1e9`` scale costs no precision, and padding keys (added to split the sequence evenly)
+never count.
+
+Both strategies are ``jax.custom_jvp`` functions of the rows' output and statistics with one
+rule, :func:`rows_jvp`: their tangent pass (:func:`pair_tangent` per pair) as a linear map
+whose transpose is their backward pass (:func:`pair_grads` per pair).
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ class Pair(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """Static settings of one sequence-parallel call (hashable: a ``custom_vjp`` non-diff
+    """Static settings of one sequence-parallel call (hashable: a ``custom_jvp`` non-diff
     argument).
 
     ``parts`` is 1 for the contiguous layout and 2 for zigzag; each device holds ``parts``
@@ -83,8 +88,11 @@ class Residuals(NamedTuple):
     """What a strategy's tangent and backward passes start from, on one device (a pytree).
 
     Attributes:
-      q: ``[B, rows, depth]``; k: ``[B, keys, depth]``; v: ``[B, keys, dim_v]``;
-        weight: ``[]``; mask: bool ``[B, keys]`` or ``None``: the strategy's inputs.
+      q: ``[B, rows, depth]``, the strategy's queries.
+      k: ``[B, keys, depth]``, its keys.
+      v: ``[B, keys, dim_v]``, its values.
+      weight: ``[]``, ``concat_score_weight``.
+      mask: bool ``[B, keys]`` value mask, or ``None``.
       stats: the rows' final :class:`RowStats` over the whole sequence.
     """
 
@@ -115,12 +123,12 @@ def rows_jvp(rows: Callable[..., RowStats], tangent: Pass, backward: Pass) -> Ca
 
     def rule(plan: Plan, primals: tuple, tangents: tuple) -> tuple[RowStats, RowStats]:
         stats = rows(plan, *primals)
-        maps = [
-            functools.partial(f, plan, exact)
-            for exact in (False, True)
-            for f in (tangent, backward)
-        ]
-        linear = Linear(*maps)
+        linear = Linear(
+            apply=functools.partial(tangent, plan, False),
+            transpose=functools.partial(backward, plan, False),
+            reference=functools.partial(tangent, plan, True),
+            transpose_reference=functools.partial(backward, plan, True),
+        )
         d_out, d_lse = linear_call(linear, Residuals(*primals, stats), tuple(tangents[:4]))
         return stats, RowStats(d_out, d_lse, jnp.zeros_like(stats.denom))
 

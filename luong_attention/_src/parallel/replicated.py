@@ -8,9 +8,8 @@ output. Derivatives (a ``jax.custom_jvp``,
 :func:`~luong_attention._src.parallel.blocks.rows_jvp`) run each slice's kernel again with the
 merged statistics: in forward mode the output's tangent is the ``psum`` of the slices'
 shares; in reverse mode, its transpose, dK and dV stay on their slice and dQ is the sum of the
-slices' contributions. Right
-for few queries over many keys (decoding), where a copy of the queries is cheap and the keys
-never move.
+slices' contributions. Right for few queries over many keys (decoding), where a copy of the
+queries is cheap and the keys never move.
 """
 
 from __future__ import annotations

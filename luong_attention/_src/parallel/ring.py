@@ -6,10 +6,13 @@ Device ``d`` of ``n`` keeps its own queries and starts with its own key/value bl
 mask), merges the resulting online-softmax state into its running one
 (:func:`~luong_attention._src.kernels.api.merge`), and passes the block to device ``d + 1``
 with ``lax.ppermute``; the transfer of the next block is issued before the step's compute, so
-XLA can overlap them. The backward pass (``jax.custom_vjp``) runs the ring again: dQ stays
-home, while K, V and their dK/dV accumulators travel and arrive back on their owner after
-``n`` steps. Only the local shards, the per-row statistics and two blocks in flight live on a
-device, so memory per device falls as ``1/n``.
+XLA can overlap them. Derivatives (a ``jax.custom_jvp``,
+:func:`~luong_attention._src.parallel.blocks.rows_jvp`) run the ring again from the rows'
+merged statistics. Forward mode: dK and dV travel with K and V, and each pair adds its share
+of the rows' output tangent. Reverse mode, the transpose of that pass: dQ stays home, while K,
+V and their dK/dV accumulators travel and arrive back on their owner after ``n`` steps. Only
+the local shards, the per-row statistics and two blocks in flight live on a device, so memory
+per device falls as ``1/n``, in every mode and order.
 
 A sequence is laid out ``"contiguous"`` (one part per device) or ``"zigzag"`` (two parts, see
 :mod:`~luong_attention._src.parallel.layout`); every step attends each local query part to
