@@ -7,14 +7,20 @@ states (:func:`~luong_attention._src.kernels.api.merge`) across blocks and devic
 This module is also the one path for *fully masked rows*, queries that see no key in the whole
 sequence. The core gives them the softmax over all real keys of ``score - 1e9`` (Keras's fill,
 about the mean of the values). Their state is computed exactly, for every block including
-those the causal mask skips, by :func:`masked_row_stats` (and its pull-back
-:func:`masked_row_grads`), in chunks of queries; the kernel's values for them are discarded.
-Max and denominator are kept apart, so the ``-1e9`` scale costs no precision, and padding
-keys (added to split the sequence evenly) never count.
+those the causal mask skips, by :func:`masked_row_stats` (its push-forward
+:func:`masked_row_tangent` and pull-back :func:`masked_row_grads`), in chunks of queries;
+the kernel's values for them are discarded. Max and denominator are kept apart, so the
+``-1e9`` scale costs no precision, and padding keys (added to split the sequence evenly)
+never count.
+
+Both strategies are ``jax.custom_jvp`` functions of the rows' output and statistics with one
+rule, :func:`rows_jvp`: their tangent pass (:func:`pair_tangent` per pair) as a linear map
+whose transpose is their backward pass (:func:`pair_grads` per pair).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -31,6 +37,7 @@ from luong_attention._src.kernels.api import (
     finalise,
 )
 from luong_attention._src.kernels.registry import get_kernel
+from luong_attention._src.primitives.linear import Linear, linear_call
 from luong_attention._src.primitives.masks import MASK_PENALTY
 from luong_attention._src.primitives.rows import join_rows, split_rows
 from luong_attention._src.primitives.scores import ScoreParams
@@ -57,7 +64,7 @@ class Pair(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """Static settings of one sequence-parallel call (hashable: a ``custom_vjp`` non-diff
+    """Static settings of one sequence-parallel call (hashable: a ``custom_jvp`` non-diff
     argument).
 
     ``parts`` is 1 for the contiguous layout and 2 for zigzag; each device holds ``parts``
@@ -77,6 +84,57 @@ class Plan(NamedTuple):
     kernel: str = "blocked"
 
 
+class Residuals(NamedTuple):
+    """What a strategy's tangent and backward passes start from, on one device (a pytree).
+
+    Attributes:
+      q: ``[B, rows, depth]``, the strategy's queries.
+      k: ``[B, keys, depth]``, its keys.
+      v: ``[B, keys, dim_v]``, its values.
+      weight: ``[]``, ``concat_score_weight``.
+      mask: bool ``[B, keys]`` value mask, or ``None``.
+      stats: the rows' final :class:`RowStats` over the whole sequence.
+    """
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    weight: jax.Array
+    mask: jax.Array | None
+    stats: RowStats
+
+
+# A strategy's pass: (plan, exact, residuals, tangents or cotangents) -> its results.
+Pass = Callable[[Plan, bool, Residuals, tuple], tuple]
+
+
+def rows_jvp(rows: Callable[..., RowStats], tangent: Pass, backward: Pass) -> Callable:
+    """The ``jax.custom_jvp`` rule of a strategy's ``rows(plan, q, k, v, weight, mask) ->
+    RowStats``.
+
+    The primal is ``rows`` itself (so derivatives of the rule go through it again); the
+    tangent is one :func:`~luong_attention._src.primitives.linear.linear_call` that runs
+    ``tangent`` (tangents ``(dq, dk, dv, dweight)`` to those of the rows' output and
+    logsumexp, ``(d_out, d_lse)``), transposes to ``backward`` (their pull-back) and
+    differentiates both with ``exact=True`` (:func:`kernel_config`). As in
+    :func:`~luong_attention._src.kernels.api.attend_rows`, ``m`` carries the logsumexp's
+    tangent and ``denom`` none.
+    """
+
+    def rule(plan: Plan, primals: tuple, tangents: tuple) -> tuple[RowStats, RowStats]:
+        stats = rows(plan, *primals)
+        linear = Linear(
+            apply=functools.partial(tangent, plan, False),
+            transpose=functools.partial(backward, plan, False),
+            reference=functools.partial(tangent, plan, True),
+            transpose_reference=functools.partial(backward, plan, True),
+        )
+        d_out, d_lse = linear_call(linear, Residuals(*primals, stats), tuple(tangents[:4]))
+        return stats, RowStats(d_out, d_lse, jnp.zeros_like(stats.denom))
+
+    return rule
+
+
 def part_offsets(plan: Plan, device: jax.Array | int, chunk: int) -> jax.Array:
     """Global position of the first entry of each of ``device``'s parts, int32 ``[parts]``."""
     firsts = [device] if plan.parts == 1 else [device, 2 * plan.devices - 1 - device]
@@ -88,12 +146,21 @@ def part_positions(plan: Plan, device: jax.Array | int, chunk: int) -> jax.Array
     return (part_offsets(plan, device, chunk)[:, None] + jnp.arange(chunk)).reshape(-1)
 
 
-def kernel_config(plan: Plan, batch: int, depth: int) -> tuple[Kernel, TileConfig]:
-    """The kernel and its tiles for one (query part, key part) pair."""
+def kernel_config(
+    plan: Plan, batch: int, depth: int, *, exact: bool = False
+) -> tuple[Kernel, TileConfig]:
+    """The kernel and its tiles for one (query part, key part) pair.
+
+    With ``exact``, the kernel's maths in code JAX differentiates in every mode
+    (``Kernel.differentiable``, every tile visited): for derivatives of the strategies'
+    tangent and backward passes.
+    """
     kernel = get_kernel(plan.kernel)
     cfg = kernel.config(
         plan.score_mode, plan.q_chunk, plan.kv_chunk, depth, causal=plan.causal, batch=batch
     )
+    if exact:
+        return kernel.differentiable or kernel, cfg._replace(every_tile=True)
     return kernel, cfg
 
 
@@ -200,45 +267,90 @@ def masked_row_stats(score_mode: str, ops: Operands, real: jax.Array) -> Softmax
         acc = jnp.einsum("bqk,bkv->bqv", p, ops.v, preferred_element_type=stats)
         return SoftmaxState(m, p.sum(-1), acc)
 
-    chunk = _chunk_rows(score_mode, rows, ops.k.shape[1], ops.q.shape[-1])
-    state = jax.lax.map(chunk_stats, split_rows(ops.q, chunk, 0.0))
+    state = jax.lax.map(chunk_stats, _row_chunks(score_mode, ops, ((ops.q, 0.0),))[0])
     return SoftmaxState(*(join_rows(x, rows) for x in state))
 
 
+def _masked_rows_output(
+    score_mode: str, real: jax.Array, m: jax.Array, denom: jax.Array
+) -> Callable[..., tuple[jax.Array, jax.Array]]:
+    """``(q, k, v, weight) -> (p @ v [B, rows, dim_v], sum(p) [B, rows])`` of fully masked
+    rows over one key block, with ``p = exp(score - 1e9 - m) / denom`` from the rows' final
+    max and denominator ``[B, rows]`` (their share of the output and of the softmax)."""
+
+    def weighted(query, key, value, weight):
+        filled = _penalised_scores(score_mode, query, key, weight, real)
+        p = jnp.exp(filled - m[..., None]) / denom[..., None]
+        out = jnp.einsum("bqk,bkv->bqv", p, value, preferred_element_type=p.dtype)
+        return out, p.sum(-1)
+
+    return weighted
+
+
+def _row_chunks(score_mode: str, ops: Operands, fills: tuple) -> tuple:
+    """``[B, rows, ...]`` arrays split into the query chunks of the fully-masked-row path,
+    ``[n_chunks, B, chunk, ...]`` (``fills``: ``(array, pad value)`` pairs)."""
+    chunk = _chunk_rows(score_mode, ops.q.shape[1], ops.k.shape[1], ops.q.shape[-1])
+    return tuple(split_rows(x, chunk, fill) for x, fill in fills)
+
+
 def masked_row_grads(
-    score_mode: str, ops: Operands, real: jax.Array, stats: RowStats, d_out: jax.Array
+    score_mode: str,
+    ops: Operands,
+    real: jax.Array,
+    stats: RowStats,
+    d_out: jax.Array,
+    d_lse: jax.Array,
 ) -> Grads:
     """Gradients ``(dq, dk, dv, dweight)`` of fully masked rows over one key block.
 
-    ``stats`` holds the rows' final output, max and denominator; ``d_out`` the output
-    cotangent, zero on the rows that are not fully masked. The weights are ``p = exp(score -
-    1e9 - m) / denom`` and ``d score = p * (dp - delta)`` with ``delta = sum(d_out * out)``:
-    the pull-back of ``(p @ v, sum(p))`` with cotangents ``(d_out, -delta)``.
+    ``stats`` holds the rows' final output, max and denominator; ``d_out`` ``[B, rows,
+    dim_v]`` and ``d_lse`` ``[B, rows]`` the cotangents of output and logsumexp, zero on the
+    rows that are not fully masked. The weights are ``p = exp(score - 1e9 - m) / denom`` and
+    ``d score = p * (dp - delta + d_lse)`` with ``delta = sum(d_out * out)``: the pull-back
+    of ``(p @ v, sum(p))`` with cotangents ``(d_out, d_lse - delta)``; the transpose of
+    :func:`masked_row_tangent`.
     """
-    n_rows = ops.q.shape[1]
-    chunk = _chunk_rows(score_mode, n_rows, ops.k.shape[1], ops.q.shape[-1])
     delta = (d_out * stats.out).sum(-1)
+    fills = ((ops.q, 0.0), (stats.m, 0.0), (stats.denom, 1.0), (d_out, 0.0), (d_lse - delta, 0.0))
+    xs = _row_chunks(score_mode, ops, fills)
 
     def chunk_grads(carry, xs):
         dk, dv, dweight = carry
-        q_c, m_c, denom_c, d_out_c, delta_c = xs
-
-        def weighted(q_c, key, value, weight):
-            filled = _penalised_scores(score_mode, q_c, key, weight, real)
-            p = jnp.exp(filled - m_c[..., None]) / denom_c[..., None]
-            out = jnp.einsum("bqk,bkv->bqv", p, value, preferred_element_type=p.dtype)
-            return out, p.sum(-1)
-
+        q_c, m_c, denom_c, d_out_c, d_sum_c = xs
+        weighted = _masked_rows_output(score_mode, real, m_c, denom_c)
         _, pull_back = jax.vjp(weighted, q_c, ops.k, ops.v, ops.weight)
-        dq_c, dk_c, dv_c, dw_c = pull_back((d_out_c, -delta_c))
+        dq_c, dk_c, dv_c, dw_c = pull_back((d_out_c, d_sum_c))
         return (dk + dk_c, dv + dv_c, dweight + dw_c), dq_c
 
-    fills = ((ops.q, 0.0), (stats.m, 0.0), (stats.denom, 1.0), (d_out, 0.0), (delta, 0.0))
-    xs = tuple(split_rows(x, chunk, fill) for x, fill in fills)
     acc = ops.weight.dtype
     init = (jnp.zeros(ops.k.shape, acc), jnp.zeros(ops.v.shape, acc), 0 * ops.weight)
     (dk, dv, dweight), dq = jax.lax.scan(chunk_grads, init, xs)
-    return join_rows(dq, n_rows), dk, dv, dweight
+    return join_rows(dq, ops.q.shape[1]), dk, dv, dweight
+
+
+def masked_row_tangent(
+    score_mode: str, ops: Operands, real: jax.Array, stats: RowStats, d_ops: Grads
+) -> tuple[jax.Array, jax.Array]:
+    """Tangents ``(d_out [B, rows, dim_v], d_lse [B, rows])`` of fully masked rows over one
+    key block (meaningless for other rows), for tangents ``d_ops = (dq, dk, dv, dweight)``.
+
+    The push-forward of ``(p @ v, sum(p))`` (see :func:`masked_row_grads`): ``d_lse = sum
+    p ds`` and ``d_out = sum p (ds v + dv) - d_lse out`` with the rows' final ``out``, so
+    the blocks' tangents add up to the rows'.
+    """
+    dq, dk, dv, dweight = d_ops
+    fills = ((ops.q, 0.0), (dq, 0.0), (stats.m, 0.0), (stats.denom, 1.0))
+    xs = _row_chunks(score_mode, ops, fills)
+
+    def chunk_tangent(xs):
+        q_c, dq_c, m_c, denom_c = xs
+        weighted = _masked_rows_output(score_mode, real, m_c, denom_c)
+        primals = (q_c, ops.k, ops.v, ops.weight)
+        return jax.jvp(weighted, primals, (dq_c, dk, dv, dweight))[1]
+
+    d_acc, d_lse = (join_rows(x, ops.q.shape[1]) for x in jax.lax.map(chunk_tangent, xs))
+    return d_acc - d_lse[..., None] * stats.out, d_lse
 
 
 def _exact_where_fully(
@@ -275,15 +387,20 @@ def pair_state(kernel: Kernel, cfg: TileConfig, pair: Pair) -> SoftmaxState:
 
 
 def pair_grads(
-    kernel: Kernel, cfg: TileConfig, pair: Pair, stats: RowStats, d_out: jax.Array
+    kernel: Kernel,
+    cfg: TileConfig,
+    pair: Pair,
+    stats: RowStats,
+    d_out: jax.Array,
+    d_lse: jax.Array,
 ) -> Grads:
     """``(dq, dk, dv, dweight)`` of the pair, given its rows' final :class:`RowStats` (over the
-    whole sequence) and output cotangent; the pull-back of :func:`pair_state`."""
+    whole sequence) and the cotangents of their output ``[B, rows, dim_v]`` and logsumexp
+    ``[B, rows]``; the pull-back of :func:`pair_state`, the transpose of :func:`pair_tangent`."""
     ops = pair.ops
-    d_kernel = d_out if pair.fully is None else jnp.where(pair.fully[..., None], 0.0, d_out)
 
     def kernel_grads() -> Grads:
-        return tuple(kernel.backward(cfg, ops, stats, d_kernel, jnp.zeros_like(stats.m)))
+        return tuple(kernel.backward(cfg, ops, stats, *_not_fully(pair, (d_out, d_lse))))
 
     def skipped() -> Grads:
         return tuple(jnp.zeros_like(x) for x in (ops.q, ops.k, ops.v, ops.weight))
@@ -291,10 +408,46 @@ def pair_grads(
     grads = jax.lax.cond(sees_block(cfg, ops.offsets), kernel_grads, skipped)
 
     def exact() -> Grads:
-        d_fully = jnp.where(pair.fully[..., None], d_out, 0.0)
-        return masked_row_grads(cfg.score_mode, ops, pair.real, stats, d_fully)
+        d_fully = (jnp.where(_rows(pair.fully, x), x, 0.0) for x in (d_out, d_lse))
+        return masked_row_grads(cfg.score_mode, ops, pair.real, stats, *d_fully)
 
     def combine(grads: Grads, extra: Grads) -> Grads:
         return tuple((g + e).astype(g.dtype) for g, e in zip(grads, extra, strict=True))
 
     return _exact_where_fully(pair, grads, exact, combine)
+
+
+def pair_tangent(
+    kernel: Kernel, cfg: TileConfig, pair: Pair, stats: RowStats, d_ops: Grads
+) -> tuple[jax.Array, jax.Array]:
+    """The pair's share ``(d_out [B, rows, dim_v], d_lse [B, rows])`` of its rows' output and
+    logsumexp tangents, for tangents ``d_ops = (dq, dk, dv, dweight)`` of its operands,
+    given the rows' final :class:`RowStats`: the push-forward of :func:`pair_state`. The
+    shares of disjoint key blocks add up to the rows' tangents."""
+    ops = pair.ops
+
+    def kernel_tangent() -> tuple[jax.Array, jax.Array]:
+        return tuple(kernel.tangent(cfg, ops, stats, d_ops))
+
+    def skipped() -> tuple[jax.Array, jax.Array]:
+        return jnp.zeros_like(stats.out), jnp.zeros_like(stats.m)
+
+    tangents = jax.lax.cond(sees_block(cfg, ops.offsets), kernel_tangent, skipped)
+
+    def combine(tangents: tuple, exact: tuple) -> tuple:
+        return tuple(
+            jnp.where(_rows(pair.fully, x), y, x) for x, y in zip(tangents, exact, strict=True)
+        )
+
+    def exact() -> tuple[jax.Array, jax.Array]:
+        return masked_row_tangent(cfg.score_mode, ops, pair.real, stats, d_ops)
+
+    return _exact_where_fully(pair, tangents, exact, combine)
+
+
+def _not_fully(pair: Pair, arrays: tuple) -> tuple:
+    """``[B, rows, ...]`` arrays zeroed on the fully masked rows (the kernel's share there
+    is replaced by the exact path's)."""
+    if pair.fully is None:
+        return arrays
+    return tuple(jnp.where(_rows(pair.fully, x), 0.0, x) for x in arrays)

@@ -4,10 +4,12 @@ Each device attends all queries to its slice through the kernel interface
 (:func:`~luong_attention._src.parallel.blocks.pair_state`, fully masked rows included), and
 the states are merged over the axis (:func:`all_merge`: a ``pmax`` of the row max, then
 ``psum`` of the rescaled denominators and accumulators), so every device ends with the whole
-output. The backward (``jax.custom_vjp``) runs each slice's kernel backward with the merged
-statistics: dK and dV stay on their slice, dQ is the sum of the slices' contributions. Right
-for few queries over many keys (decoding), where a copy of the queries is cheap and the keys
-never move.
+output. Derivatives (a ``jax.custom_jvp``,
+:func:`~luong_attention._src.parallel.blocks.rows_jvp`) run each slice's kernel again with the
+merged statistics: in forward mode the output's tangent is the ``psum`` of the slices'
+shares; in reverse mode, its transpose, dK and dV stay on their slice and dQ is the sum of the
+slices' contributions. Right for few queries over many keys (decoding), where a copy of the
+queries is cheap and the keys never move.
 """
 
 from __future__ import annotations
@@ -17,18 +19,22 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from luong_attention._src.kernels.api import Operands, SoftmaxState, rescale
+from luong_attention._src.kernels.api import Operands, RowStats, SoftmaxState, rescale
 from luong_attention._src.parallel.blocks import (
+    Grads,
     Pair,
     Plan,
+    Residuals,
     blind_rows,
     kernel_config,
     key_masks,
     pair_grads,
     pair_state,
+    pair_tangent,
     part_offsets,
     part_positions,
     row_stats,
+    rows_jvp,
 )
 
 
@@ -58,7 +64,49 @@ def _local_pair(
     return Pair(Operands(q, k, v, weight, kernel_mask, offsets, None), real, fully)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _replicated_rows(
+    plan: Plan,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    weight: jax.Array,
+    mask: jax.Array | None,
+) -> RowStats:
+    """The output and final statistics of all rows, the same on every device
+    (differentiable in every mode and to any order:
+    :func:`~luong_attention._src.parallel.blocks.rows_jvp`)."""
+    kernel, cfg = kernel_config(plan, q.shape[0], q.shape[-1])
+    pair = _local_pair(plan, q, k, v, weight, mask)
+    return row_stats(all_merge(pair_state(kernel, cfg, pair), plan.axis_name))
+
+
+def _replicated_tangent(
+    plan: Plan, exact: bool, res: Residuals, d_ops: Grads
+) -> tuple[jax.Array, jax.Array]:
+    """Tangents ``(d_out, d_lse)`` of all rows for tangents ``d_ops = (dq, dk, dv, dweight)``
+    of this device's inputs: the sum over the axis of the slices' shares."""
+    kernel, cfg = kernel_config(plan, res.q.shape[0], res.q.shape[-1], exact=exact)
+    pair = _local_pair(plan, *res[:5])
+    # The output is replicated, so its tangent must be whole on every device.
+    return jax.lax.psum(pair_tangent(kernel, cfg, pair, res.stats, d_ops), plan.axis_name)
+
+
+def _replicated_backward(plan: Plan, exact: bool, res: Residuals, cts: tuple) -> Grads:
+    """``(dq, dk, dv, dweight)`` of this device's inputs for cotangents ``cts = (d_out,
+    d_lse)`` of the rows' output and logsumexp; the transpose of :func:`_replicated_tangent`
+    (dq and dweight are this slice's share)."""
+    kernel, cfg = kernel_config(plan, res.q.shape[0], res.q.shape[-1], exact=exact)
+    pair = _local_pair(plan, *res[:5])
+    # The output is replicated, so shard_map's transpose hands each device a share of its
+    # cotangent; their sum is the whole (the transpose of the tangent's psum). Of dq and
+    # dweight, shard_map's transpose sums the shares over the axis (replicated inputs).
+    return pair_grads(kernel, cfg, pair, res.stats, *jax.lax.psum(cts, plan.axis_name))
+
+
+_replicated_rows.defjvp(rows_jvp(_replicated_rows, _replicated_tangent, _replicated_backward))
+
+
 def replicated_attention_shards(
     plan: Plan,
     q: jax.Array,
@@ -71,34 +119,14 @@ def replicated_attention_shards(
     ``plan.axis_name``; ``plan.parts == 1`` and ``plan.q_chunk`` is the number of queries).
 
     Args:
+      plan: the static settings of the call.
       q: ``[B, q_length, depth]``, the same on every device (``scale`` folded in).
-      k: ``[B, kv_chunk, depth]``; v: ``[B, kv_chunk, dim_v]``: this device's slice.
+      k: ``[B, kv_chunk, depth]``: this device's slice of the keys.
+      v: ``[B, kv_chunk, dim_v]``: this device's slice of the values.
       weight: ``concat_score_weight`` (0 for ``"dot"``) in the statistics dtype.
       mask: bool ``[B, kv_chunk]`` value mask of the slice, or ``None``.
 
     Returns:
       ``[B, q_length, dim_v]``, the whole output, on every device.
     """
-    return _replicated_fwd(plan, q, k, v, weight, mask)[0]
-
-
-def _replicated_fwd(plan, q, k, v, weight, mask):
-    kernel, cfg = kernel_config(plan, q.shape[0], q.shape[-1])
-    pair = _local_pair(plan, q, k, v, weight, mask)
-    stats = row_stats(all_merge(pair_state(kernel, cfg, pair), plan.axis_name))
-    return stats.out, (pair, stats)
-
-
-def _replicated_bwd(plan, residuals, d_out):
-    pair, stats = residuals
-    # The output is replicated, so shard_map's transpose hands each device a share of its
-    # cotangent; their sum is the whole.
-    d_out = jax.lax.psum(d_out, plan.axis_name)
-    kernel, cfg = kernel_config(plan, pair.ops.q.shape[0], pair.ops.q.shape[-1])
-    dq, dk, dv, dweight = pair_grads(kernel, cfg, pair, stats, d_out)
-    # dq and dweight are this slice's share; shard_map's transpose sums the cotangents of
-    # the replicated inputs over the axis.
-    return dq, dk, dv, dweight, None
-
-
-replicated_attention_shards.defvjp(_replicated_fwd, _replicated_bwd)
+    return _replicated_rows(plan, q, k, v, weight, mask).out

@@ -239,3 +239,164 @@ def test_each_step_runs_the_backends_kernel(monkeypatch, backend, kernel):
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     assert sequence.step_kernel("dot") == kernel
     assert sequence.step_kernel("concat") == "blocked"
+
+
+# Forward mode and second order (issue 19): the strategies as functions of the whole
+# arrays, laid out with jnp so that JAX differentiates through the layout, against the dense
+# XLA core. Sizes all distinct: B=2, Tq, Tv, depth 5, dim_v 3 (see _inputs).
+JVP_TOL = {"rtol": 1e-4, "atol": 1e-4}
+
+
+def _layout(x: jax.Array, devices: int, parts: int, padded: int) -> jax.Array:
+    """:func:`_split` in ``jnp`` (differentiable), along axis 1."""
+    widths = [(0, 0)] * x.ndim
+    widths[1] = (0, padded - x.shape[1])
+    x = jnp.pad(x, widths)
+    if parts == 2:
+        x = lap.to_zigzag(x, devices, axis=1)
+    return jnp.stack(jnp.split(x, devices, axis=1))
+
+
+def _ring_attention(score_mode, causal, devices, parts, value_mask, q_length, kv_length):
+    """``(query, key, value, scale, weight) -> output`` of the ring, devices vmapped."""
+    q_chunk, kv_chunk = (-(-t // (devices * parts)) for t in (q_length, kv_length))
+    plan = Plan(AXIS, devices, parts, q_chunk, kv_chunk, kv_length, score_mode, causal)
+    q_pad, kv_pad = devices * parts * q_chunk, devices * parts * kv_chunk
+    mask = _layout(jnp.asarray(value_mask), devices, parts, kv_pad)
+
+    def local(q, k, v, scale, weight, mask):
+        q, k, w = ScoreParams(score_mode, scale, weight).fold(q, k, jnp.float32)
+        return ring_attention_shards(plan, q, k, v, w, mask)
+
+    def attention(query, key, value, scale, weight):
+        shards = (
+            _layout(query, devices, parts, q_pad),
+            _layout(key, devices, parts, kv_pad),
+            _layout(value, devices, parts, kv_pad),
+        )
+        in_axes = (0, 0, 0, None, None, 0)
+        out = jax.vmap(local, in_axes, axis_name=AXIS)(*shards, scale, weight, mask)
+        return _join(out, devices, parts, q_length)
+
+    return attention
+
+
+def _replicated_attention(score_mode, causal, devices, value_mask, q_length, kv_length):
+    """``(query, key, value, scale, weight) -> output`` of every device, ``[devices, B, Tq,
+    dim_v]``, replicated queries, devices vmapped."""
+    kv_chunk = -(-kv_length // devices)
+    plan = Plan(AXIS, devices, 1, q_length, kv_chunk, kv_length, score_mode, causal)
+    mask = _layout(jnp.asarray(value_mask), devices, 1, devices * kv_chunk)
+
+    def local(q, k, v, scale, weight, mask):
+        q, k, w = ScoreParams(score_mode, scale, weight).fold(q, k, jnp.float32)
+        return replicated_attention_shards(plan, q, k, v, w, mask)
+
+    def attention(query, key, value, scale, weight):
+        key, value = (_layout(x, devices, 1, devices * kv_chunk) for x in (key, value))
+        in_axes = (None, 0, 0, None, None, 0)
+        return jax.vmap(local, in_axes, axis_name=AXIS)(query, key, value, scale, weight, mask)
+
+    return attention
+
+
+def _core_attention(score_mode, causal, value_mask):
+    """``(query, key, value, scale, weight) -> output`` of the dense XLA core."""
+
+    def attention(query, key, value, scale, weight):
+        extra = {"concat_score_weight": weight} if score_mode == "concat" else {}
+        return la.attention(
+            query,
+            value,
+            key,
+            value_mask=value_mask,
+            use_causal_mask=causal,
+            score_mode=score_mode,
+            scale=scale,
+            implementation="xla",
+            **extra,
+        )
+
+    return attention
+
+
+def _primals_and_tangents(batch, tq, tv, seed):
+    """Primals ``(query, key, value, scale, weight)``, tangents of the same shapes and the
+    value mask (a fully masked batch row)."""
+    query, key, value, value_mask, _ = _inputs(batch, tq, tv, seed)
+    primals = (query, key, value, np.float32(SCALE), np.float32(WEIGHT))
+    rng = np.random.default_rng(seed + 1)
+    tangents = tuple(rng.normal(size=np.shape(x)).astype(np.float32) for x in primals)
+    return primals, tangents, value_mask
+
+
+def test_ring_jvp_equals_core():
+    """Causal "concat", zigzag on 2 devices (pairs above the diagonal skipped), fully masked
+    rows; "dot", contiguous, on 4 devices: multidevice_cases.py through shard_map."""
+    score_mode, causal, devices, tq, tv = "concat", True, 2, 12, 8
+    primals, tangents, mask = _primals_and_tangents(2, tq, tv, seed=11)
+    ring = _ring_attention(score_mode, causal, devices, 2, mask, tq, tv)
+    out, d_out = jax.jit(lambda p, t: jax.jvp(ring, p, t))(primals, tangents)
+    ref_out, ref_d_out = jax.jvp(_core_attention(score_mode, causal, mask), primals, tangents)
+    np.testing.assert_allclose(out, ref_out, **TOL)
+    np.testing.assert_allclose(d_out, ref_d_out, **JVP_TOL)
+
+
+# (score_mode, causal, devices, q_length, kv_length)
+def test_replicated_jvp_equals_core():
+    """Non-causal "concat" on 3 devices; the output is replicated: its tangent is whole on
+    every device."""
+    score_mode, causal, devices, tq, tv = "concat", False, 3, 6, 13
+    primals, tangents, mask = _primals_and_tangents(2, tq, tv, seed=13)
+    replicated = _replicated_attention(score_mode, causal, devices, mask, tq, tv)
+    out, d_out = jax.jit(lambda p, t: jax.jvp(replicated, p, t))(primals, tangents)
+    ref_out, ref_d_out = jax.jvp(_core_attention(score_mode, causal, mask), primals, tangents)
+    for device in range(devices):
+        np.testing.assert_allclose(out[device], ref_out, **TOL)
+        np.testing.assert_allclose(d_out[device], ref_d_out, **JVP_TOL)
+
+
+def _hessian_vector(attention, primals, tangents, cotangent, forward):
+    """``H t`` of ``<attention(*primals), cotangent>`` for ``t = tangents``: forward over
+    reverse (as ``jax.hessian``) or reverse over reverse (the gradient of ``<grad, t>``)."""
+
+    def loss(*args):
+        return jnp.sum(attention(*args) * cotangent)
+
+    grad = jax.grad(loss, argnums=range(5))
+    if forward:
+        return jax.jvp(grad, primals, tangents)[1]
+
+    def directional(*args):
+        return sum(jnp.vdot(g, t) for g, t in zip(grad(*args), tangents, strict=True))
+
+    return jax.grad(directional, argnums=range(5))(*primals)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "forward"),
+    [
+        ("ring", True),
+        ("replicated", False),
+        pytest.param("ring", False, marks=pytest.mark.slow),
+    ],
+)
+def test_second_order_equals_core(strategy, forward):
+    """Causal "dot" on 2 devices with fully masked rows and padding keys (9 keys)."""
+    tq, tv, devices = 6, 9, 2
+    primals, tangents, mask = _primals_and_tangents(2, tq, tv, seed=17)
+    cotangent = np.random.default_rng(19).normal(size=(2, tq, 3)).astype(np.float32)
+    if strategy == "ring":
+        attention = _ring_attention("dot", True, devices, 1, mask, tq, tv)
+    else:
+        replicated = _replicated_attention("dot", True, devices, mask, tq, tv)
+
+        def attention(*args):
+            return replicated(*args).mean(0)
+
+    hvp = jax.jit(_hessian_vector, static_argnums=(0, 4))
+    got = hvp(attention, primals, tangents, cotangent, forward)
+    core = _core_attention("dot", True, mask)
+    want = _hessian_vector(core, primals, tangents, cotangent, forward)
+    for name, g, w in zip(("query", "key", "value", "scale", "weight"), got, want, strict=True):
+        np.testing.assert_allclose(g, w, **JVP_TOL, err_msg=name)
