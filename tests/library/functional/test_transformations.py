@@ -37,6 +37,16 @@ SMALL_SHAPE = (2, 5, 4, 3, 2)
 BLOCK = 4
 SCALE, WEIGHT, RATE = 0.7, 1.3, 0.3
 IMPLEMENTATIONS = ("xla", "blocked", "pallas")
+
+
+def _implementations(default, implementations=IMPLEMENTATIONS):
+    """``implementation`` params; those not in ``default`` run with ``pytest -m slow``."""
+    return [
+        pytest.param(impl, id=impl, marks=() if impl in default else (pytest.mark.slow,))
+        for impl in implementations
+    ]
+
+
 # Tolerances of float32 results against float64: (atol, rtol), scaled by the reference's size.
 F32 = 2e-5
 BF16 = 3e-2
@@ -161,7 +171,7 @@ def _f64(tree):
 def _reference(transform, fn, *args):
     """``transform(fn)(*args)`` in float64 (x64 on for the call only), as NumPy."""
     with jax.enable_x64(True):
-        out = transform(fn)(*_f64(args))
+        out = jax.jit(transform(fn))(*_f64(args))
         return jax.tree.map(np.asarray, out)
 
 
@@ -199,11 +209,23 @@ def _jvp(fn, n_args):
     return run
 
 
+def _hvp(loss):
+    """``(q, k, v, dq, dk, dv) -> H (dq, dk, dv)``, forward over reverse."""
+    return lambda *a: jax.jvp(jax.grad(loss, (0, 1, 2)), a[:3], a[3:])[1]
+
+
 # ------------------------------------------------------------ the reference itself
 
 
-@pytest.mark.parametrize("mode", ["dot", "concat"])
-@pytest.mark.parametrize("masked", [False, True], ids=["no_mask", "masked_causal"])
+@pytest.mark.parametrize(
+    ("mode", "masked"),
+    [
+        pytest.param("dot", False, id="dot-plain", marks=pytest.mark.slow),
+        pytest.param("concat", False, id="concat-plain", marks=pytest.mark.slow),
+        pytest.param("dot", True, id="dot-masked"),
+        pytest.param("concat", True, id="concat-masked"),
+    ],
+)
 def test_dense64_is_keras_attention(mode, masked):
     """The float64 formula this file trusts equals the NumPy loop of ``helpers.reference``."""
     shape = (B, TQ, TV, DIM, DIM_V)
@@ -227,17 +249,28 @@ def test_dense64_is_keras_attention(mode, masked):
 
 # ---------------------------------------------------------------------- forward mode
 
-# (implementation, mode, masked). Pallas computes "dot" only.
-FORWARD_CASES = [
-    pytest.param(impl, mode, masked, id=f"{impl}-{mode}-{'masked' if masked else 'plain'}")
-    for impl in IMPLEMENTATIONS
-    for mode in ("dot", "concat")
-    for masked in (False, True)
-    if not (impl == "pallas" and mode == "concat")
-]
+
+def _forward_cases(default):
+    """``(implementation, mode, masked)`` params, Pallas "dot" only (all it computes); those
+    not in ``default`` (ids) run with ``pytest -m slow``."""
+    cases = []
+    for impl in IMPLEMENTATIONS:
+        for mode in ("dot", "concat"):
+            for masked in (False, True):
+                if impl == "pallas" and mode == "concat":
+                    continue
+                case_id = f"{impl}-{mode}-{'masked' if masked else 'plain'}"
+                marks = () if case_id in default else (pytest.mark.slow,)
+                cases.append(pytest.param(impl, mode, masked, id=case_id, marks=marks))
+    return cases
 
 
-@pytest.mark.parametrize(("implementation", "mode", "masked"), FORWARD_CASES)
+@pytest.mark.parametrize(
+    ("implementation", "mode", "masked"),
+    _forward_cases(
+        {"xla-concat-masked", "blocked-dot-masked", "blocked-concat-masked", "pallas-dot-masked"}
+    ),
+)
 def test_jvp_in_every_input_matches_float64(implementation, mode, masked):
     """``jax.jvp`` in q, k, v, scale and the concat weight at once (traced scalars)."""
     shape = _shape(implementation)
@@ -251,7 +284,13 @@ def test_jvp_in_every_input_matches_float64(implementation, mode, masked):
 
 
 SCALAR_CASES = [
-    pytest.param(impl, mode, which, id=f"{impl}-{mode}-{which}")
+    pytest.param(
+        impl,
+        mode,
+        which,
+        id=f"{impl}-{mode}-{which}",
+        marks=() if impl == "blocked" and mode == "concat" else (pytest.mark.slow,),
+    )
     for impl in IMPLEMENTATIONS
     for mode, which in (("dot", "scale"), ("concat", "scale"), ("concat", "weight"))
     if not (impl == "pallas" and mode == "concat")
@@ -278,12 +317,12 @@ def test_tangent_of_scale_and_concat_weight_alone(implementation, mode, which):
     got = jax.jit(of_scalar(_attention(implementation, mode, masks)))(jnp.float32(0.9))
     with jax.enable_x64(True):
         q, k, v = _f64((q, k, v))
-        want = of_scalar(_dense64(mode, masks))(jnp.float64(0.9))
+        want = jax.jit(of_scalar(_dense64(mode, masks)))(jnp.float64(0.9))
     _close(got, want, label=which)
     assert np.abs(np.asarray(got[1])).max() > 1e-3  # a tangent that can be wrong
 
 
-@pytest.mark.parametrize("implementation", ["xla", "blocked"])
+@pytest.mark.parametrize("implementation", _implementations(("xla",), ("xla", "blocked")))
 def test_linearize_called_twice(implementation):
     """``jax.linearize``: one linearisation, two tangents, each the float64 jvp."""
     shape = _shape(implementation)
@@ -300,7 +339,7 @@ def test_linearize_called_twice(implementation):
     assert np.abs(np.asarray(got[1]) - np.asarray(got[2])).max() > 1e-2
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", _implementations(("blocked",), IMPLEMENTATIONS))
 def test_vmap_of_jvp(implementation):
     """``vmap`` over a stack of tangents, and over a stack of primals with their tangents."""
     shape = _shape(implementation)
@@ -329,7 +368,10 @@ def test_vmap_of_jvp(implementation):
 # ------------------------------------------------------------ second order, float32
 
 
-@pytest.mark.parametrize(("implementation", "mode", "masked"), FORWARD_CASES)
+@pytest.mark.parametrize(
+    ("implementation", "mode", "masked"),
+    _forward_cases({"xla-concat-masked", "blocked-dot-masked"}),
+)
 def test_hvp_both_orders_match_float64(implementation, mode, masked):
     """Hessian-vector products of a scalar loss in (q, k, v): forward-over-reverse
     ``jvp(grad(loss))`` and reverse-over-forward ``grad(jvp(loss)[1])``."""
@@ -338,23 +380,20 @@ def test_hvp_both_orders_match_float64(implementation, mode, masked):
     args = _inputs(shape, seed=3)
     tangents = _tangents(args, seed=6)
 
-    def fwd_over_rev(loss):
-        return lambda *a: jax.jvp(jax.grad(loss, (0, 1, 2)), a, tangents)[1]
-
     def rev_over_fwd(loss):
-        return jax.grad(lambda *a: jax.jvp(loss, a, tangents)[1], (0, 1, 2))
+        def run(*a):
+            return jax.grad(lambda *x: jax.jvp(loss, x, a[3:])[1], (0, 1, 2))(*a[:3])
+
+        return run
 
     loss = _loss(_attention(implementation, mode, masks))
-    with jax.enable_x64(True):
-        ref_loss = _loss(_dense64(mode, masks))
-        want = jax.jvp(jax.grad(ref_loss, (0, 1, 2)), _f64(args), _f64(tangents))[1]
-        want = jax.tree.map(np.asarray, want)
-    for order, transform in (("fwd_over_rev", fwd_over_rev), ("rev_over_fwd", rev_over_fwd)):
-        got = jax.jit(transform(loss))(*args)
+    want = _reference(lambda f: _hvp(_loss(f)), _dense64(mode, masks), *args, *tangents)
+    for order, transform in (("fwd_over_rev", _hvp), ("rev_over_fwd", rev_over_fwd)):
+        got = jax.jit(transform(loss))(*args, *tangents)
         _close(got, want, tol=2e-4, label=order)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", _implementations(("blocked",), IMPLEMENTATIONS))
 def test_grad_of_grad(implementation):
     """``grad`` of a weighted sum of the gradient (reverse over reverse)."""
     shape = _shape(implementation)
@@ -364,21 +403,26 @@ def test_grad_of_grad(implementation):
 
     def grad_of_grad(loss):
         def inner(*a):
-            grads = jax.grad(loss, (0, 1, 2))(*a)
-            return sum((g * w).sum() for g, w in zip(grads, weights, strict=True))
+            grads = jax.grad(loss, (0, 1, 2))(*a[:3])
+            return sum((g * w).sum() for g, w in zip(grads, a[3:], strict=True))
 
-        return jax.grad(inner, (0, 1, 2))
+        return lambda *a: jax.grad(inner, (0, 1, 2))(*a)
 
-    got = jax.jit(grad_of_grad(_loss(_attention(implementation, "dot", masks))))(*args)
-    with jax.enable_x64(True):
-        weights = _f64(weights)
-        want = grad_of_grad(_loss(_dense64("dot", masks)))(*_f64(args))
-        want = jax.tree.map(np.asarray, want)
+    loss = _loss(_attention(implementation, "dot", masks))
+    got = jax.jit(grad_of_grad(loss))(*args, *weights)
+    want = _reference(lambda f: grad_of_grad(_loss(f)), _dense64("dot", masks), *args, *weights)
     _close(got, want, tol=2e-4, label="grad(grad)")
 
 
-@pytest.mark.parametrize("implementation", ["xla", "blocked"])
-@pytest.mark.parametrize("mode", ["dot", "concat"])
+@pytest.mark.parametrize(
+    ("implementation", "mode"),
+    [
+        pytest.param("xla", "dot", id="xla-dot", marks=pytest.mark.slow),
+        pytest.param("xla", "concat", id="xla-concat", marks=pytest.mark.slow),
+        pytest.param("blocked", "dot", id="blocked-dot"),
+        pytest.param("blocked", "concat", id="blocked-concat", marks=pytest.mark.slow),
+    ],
+)
 def test_hessian_and_jacobians_small(implementation, mode):
     """``jax.hessian`` of the loss in (q, k, v), and ``jacfwd == jacrev`` of the output, at
     a tiny masked causal size (a fully masked row): finite, and equal to float64."""
@@ -397,6 +441,7 @@ def test_hessian_and_jacobians_small(implementation, mode):
     _close(jac_fwd, jax.tree.map(np.asarray, jac_rev), tol=1e-5, label="jacfwd vs jacrev")
 
 
+@pytest.mark.slow
 def test_pallas_hessian_small():
     """The Pallas kernel's Hessian in q (one tile, padded rows and keys)."""
     masks = _masks(SMALL_SHAPE, True)
@@ -412,7 +457,7 @@ def test_pallas_hessian_small():
 # ------------------------------------------------------- checkpoint and lax.scan
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", _implementations(("blocked",), IMPLEMENTATIONS))
 def test_checkpoint_under_jvp_and_grad(implementation):
     """``jax.checkpoint`` around the call: jvp and grad equal float64."""
     shape = _shape(implementation)
@@ -444,7 +489,7 @@ def _scan_model(fn, steps=3):
     return model
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", _implementations(("blocked",), IMPLEMENTATIONS))
 def test_scan_of_attention_under_jvp_and_grad(implementation):
     shape = _shape(implementation)
     masks = _masks(shape, True)
@@ -478,7 +523,7 @@ def _dropout_multiplier(implementation, mode, shape, causal, rng):
     return np.asarray(kernel.dropout_multiplier(cfg, rng, b), np.float64)
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", _implementations(("pallas",), IMPLEMENTATIONS))
 def test_jvp_with_dropout_matches_float64_given_the_mask(implementation):
     """A fixed ``dropout_rng``: the output and its jvp (q, k, v, scale) equal the dense
     formula's with the call's own dropout multipliers."""
@@ -491,14 +536,11 @@ def test_jvp_with_dropout_matches_float64_given_the_mask(implementation):
     got = jax.jit(_jvp(fn, 4))(*args, *tangents)
     mult = _dropout_multiplier(implementation, "dot", shape, True, rng)
     assert 0.1 < (mult == 0).mean() < 0.5
-    with jax.enable_x64(True):
-        want = _reference(
-            lambda f: _jvp(f, 4), _dense64("dot", masks, jnp.asarray(mult)), *args, *tangents
-        )
+    want = _reference(lambda f: _jvp(f, 4), _dense64("dot", masks, mult), *args, *tangents)
     _close(got, want, label="(out, d_out)")
 
 
-@pytest.mark.parametrize("implementation", ["xla", "blocked", "pallas"])
+@pytest.mark.parametrize("implementation", _implementations((), IMPLEMENTATIONS))
 def test_hvp_with_dropout_matches_float64_given_the_mask(implementation):
     """Forward-over-reverse with dropout: the second-order path (the kernels' every-tile
     twin) must draw the same mask as the forward."""
@@ -508,20 +550,24 @@ def test_hvp_with_dropout_matches_float64_given_the_mask(implementation):
     args = _inputs(shape, seed=18)
     tangents = _tangents(args, seed=19)
     loss = _loss(_attention(implementation, "dot", masks, dropout_rng=rng))
-    got = jax.jit(lambda *a: jax.jvp(jax.grad(loss, (0, 1, 2)), a, tangents)[1])(*args)
+    got = jax.jit(_hvp(loss))(*args, *tangents)
     mult = _dropout_multiplier(implementation, "dot", shape, True, rng)
-    with jax.enable_x64(True):
-        ref_loss = _loss(_dense64("dot", masks, jnp.asarray(mult)))
-        want = jax.jvp(jax.grad(ref_loss, (0, 1, 2)), _f64(args), _f64(tangents))[1]
-        want = jax.tree.map(np.asarray, want)
+    want = _reference(lambda f: _hvp(_loss(f)), _dense64("dot", masks, mult), *args, *tangents)
     _close(got, want, tol=2e-4, label="hvp")
 
 
 # ---------------------------------------------------------- check_grads in float64
 
 
-@pytest.mark.parametrize("implementation", ["xla", "blocked"])
-@pytest.mark.parametrize("mode", ["dot", "concat"])
+@pytest.mark.parametrize(
+    ("implementation", "mode"),
+    [
+        pytest.param("xla", "dot", id="xla-dot", marks=pytest.mark.slow),
+        pytest.param("xla", "concat", id="xla-concat"),
+        pytest.param("blocked", "dot", id="blocked-dot", marks=pytest.mark.slow),
+        pytest.param("blocked", "concat", id="blocked-concat", marks=pytest.mark.slow),
+    ],
+)
 def test_check_grads_order_two_float64(implementation, mode):
     """``jax.test_util.check_grads`` (order 2, forward and reverse) in float64, in
     (q, k, v, scale, weight), masked causal. Without a fully masked row: there the scores
@@ -532,7 +578,7 @@ def test_check_grads_order_two_float64(implementation, mode):
     masks = _masks(SMALL_SHAPE, True, full_row=False)
     with jax.enable_x64(True):
         args = (*_f64(_inputs(SMALL_SHAPE, seed=20)), jnp.float64(SCALE), jnp.float64(WEIGHT))
-        fn = _attention(implementation, mode, masks)
+        fn = jax.jit(_attention(implementation, mode, masks))
         assert fn(*args).dtype == jnp.float64
         check_grads(fn, args, order=2, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
 
@@ -540,8 +586,15 @@ def test_check_grads_order_two_float64(implementation, mode):
 # -------------------------------------------------------------- bfloat16 and NaN
 
 
-@pytest.mark.parametrize("implementation", ["xla", "blocked"])
-@pytest.mark.parametrize("mode", ["dot", "concat"])
+@pytest.mark.parametrize(
+    ("implementation", "mode"),
+    [
+        pytest.param("xla", "dot", id="xla-dot", marks=pytest.mark.slow),
+        pytest.param("xla", "concat", id="xla-concat"),
+        pytest.param("blocked", "dot", id="blocked-dot", marks=pytest.mark.slow),
+        pytest.param("blocked", "concat", id="blocked-concat", marks=pytest.mark.slow),
+    ],
+)
 def test_bfloat16_jvp_and_hvp(implementation, mode):
     """bfloat16 inputs with bfloat16 matmul operands (the mixed-precision product on the
     dense path): jvp and forward-over-reverse HVP within bfloat16 tolerances of float64
@@ -554,17 +607,15 @@ def test_bfloat16_jvp_and_hvp(implementation, mode):
     got = jax.jit(_jvp(fn, 3))(*args, *tangents)
     assert got[1].dtype == jnp.bfloat16
     loss = _loss(fn)
-    got_hvp = jax.jit(lambda *a: jax.jvp(jax.grad(loss, (0, 1, 2)), a, tangents)[1])(*args)
+    got_hvp = jax.jit(_hvp(loss))(*args, *tangents)
     ref = _dense64(mode, masks)
     want = _reference(lambda f: _jvp(f, 3), ref, *args, *tangents)
-    with jax.enable_x64(True):
-        want_hvp = jax.jvp(jax.grad(_loss(ref), (0, 1, 2)), _f64(args), _f64(tangents))[1]
-        want_hvp = jax.tree.map(np.asarray, want_hvp)
+    want_hvp = _reference(lambda f: _hvp(_loss(f)), ref, *args, *tangents)
     _close(got, want, tol=BF16, label="jvp")
     _close(got_hvp, want_hvp, tol=BF16, label="hvp")
 
 
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", _implementations(("blocked",), IMPLEMENTATIONS))
 def test_no_nan_with_every_row_fully_masked(implementation):
     """Every key hidden: jvp and the Hessian in q stay finite (Keras's uniform rows)."""
     shape = SMALL_SHAPE
