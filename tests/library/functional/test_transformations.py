@@ -629,3 +629,73 @@ def test_no_nan_with_every_row_fully_masked(implementation):
     np.testing.assert_allclose(
         out, jnp.broadcast_to(v.mean(1, keepdims=True), out.shape), atol=1e-5
     )
+
+
+# ------------------------------------------------------- scalars, key=None, rng vmap
+
+
+@pytest.mark.parametrize("implementation", _implementations(("blocked",), ("xla", "blocked")))
+def test_hessian_in_scale_and_concat_weight(implementation):
+    """Second order in the traced scalars (folded into the kernels' operands): the 2 x 2
+    Hessian of the loss in ``(scale, concat_score_weight)``, "concat", masked causal."""
+    masks = _masks((B, TQ, TV, DIM, DIM_V), True)
+    q, k, v = _inputs((B, TQ, TV, DIM, DIM_V), seed=24)
+
+    def of_scalars(fn):
+        return jax.hessian(lambda s, w: _loss(fn)(q, k, v, s, w), (0, 1))
+
+    got = jax.jit(of_scalars(_attention(implementation, "concat", masks)))(
+        jnp.float32(SCALE), jnp.float32(WEIGHT)
+    )
+    with jax.enable_x64(True):
+        q, k, v = _f64((q, k, v))
+        want = jax.jit(of_scalars(_dense64("concat", masks)))(
+            jnp.float64(SCALE), jnp.float64(WEIGHT)
+        )
+    _close(got, jax.tree.map(np.asarray, want), tol=2e-4, label="hessian")
+
+
+@pytest.mark.parametrize("implementation", _implementations((), IMPLEMENTATIONS))
+def test_jvp_and_hvp_with_the_value_as_key(implementation):
+    """``key=None``: the value's tangent enters both products."""
+    shape = _shape(implementation)
+    b, tq, tv, dim, _ = shape
+    shape = (b, tq, tv, dim, dim)
+    masks = _masks(shape, True)
+    q, _, v = _inputs(shape, seed=25)
+    dq, dv = _tangents((q, v), seed=26)
+
+    def value_as_key(fn):
+        return lambda q, v: fn(q, v, v)
+
+    fn = value_as_key(_attention(implementation, "dot", masks))
+    ref = value_as_key(_dense64("dot", masks))
+
+    def hvp(f):
+        return lambda q, v, dq, dv: jax.jvp(jax.grad(_loss(f), (0, 1)), (q, v), (dq, dv))[1]
+
+    got = jax.jit(_jvp(fn, 2))(q, v, dq, dv)
+    got_hvp = jax.jit(hvp(fn))(q, v, dq, dv)
+    _close(got, _reference(lambda f: _jvp(f, 2), ref, q, v, dq, dv), label="jvp")
+    _close(got_hvp, _reference(hvp, ref, q, v, dq, dv), tol=2e-4, label="hvp")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("implementation", ["blocked", "pallas"])
+def test_vmap_over_dropout_rngs_of_jvp(implementation):
+    """``vmap`` of ``jvp`` over a stack of dropout keys: each slice is the dense formula's
+    jvp with that key's multipliers (the kernels' per-call dropout streams under vmap)."""
+    shape = _shape(implementation)
+    masks = _masks(shape, True)
+    args = _inputs(shape, seed=27)
+    tangents = _tangents(args, seed=28)
+    keys = jax.random.split(jax.random.key(5), 3)
+
+    def one(rng):
+        return jax.jvp(_attention(implementation, "dot", masks, dropout_rng=rng), args, tangents)
+
+    got = jax.jit(jax.vmap(one))(keys)
+    for i, rng in enumerate(keys):
+        mult = _dropout_multiplier(implementation, "dot", shape, True, rng)
+        want = _reference(lambda f: _jvp(f, 3), _dense64("dot", masks, mult), *args, *tangents)
+        _close(jax.tree.map(lambda x, i=i: x[i], got), want, label=f"key {i}")
