@@ -558,16 +558,16 @@ def test_hvp_with_dropout_matches_float64_given_the_mask(implementation):
 
 # ---------------------------------------------------------- check_grads in float64
 
+# Both modes on the two paths JAX differentiates in float64; one case in the default run.
+DENSE_AND_BLOCKED = [
+    pytest.param("xla", "dot", id="xla-dot", marks=pytest.mark.slow),
+    pytest.param("xla", "concat", id="xla-concat"),
+    pytest.param("blocked", "dot", id="blocked-dot", marks=pytest.mark.slow),
+    pytest.param("blocked", "concat", id="blocked-concat", marks=pytest.mark.slow),
+]
 
-@pytest.mark.parametrize(
-    ("implementation", "mode"),
-    [
-        pytest.param("xla", "dot", id="xla-dot", marks=pytest.mark.slow),
-        pytest.param("xla", "concat", id="xla-concat"),
-        pytest.param("blocked", "dot", id="blocked-dot", marks=pytest.mark.slow),
-        pytest.param("blocked", "concat", id="blocked-concat", marks=pytest.mark.slow),
-    ],
-)
+
+@pytest.mark.parametrize(("implementation", "mode"), DENSE_AND_BLOCKED)
 def test_check_grads_order_two_float64(implementation, mode):
     """``jax.test_util.check_grads`` (order 2, forward and reverse) in float64, in
     (q, k, v, scale, weight), masked causal. Without a fully masked row: there the scores
@@ -586,15 +586,7 @@ def test_check_grads_order_two_float64(implementation, mode):
 # -------------------------------------------------------------- bfloat16 and NaN
 
 
-@pytest.mark.parametrize(
-    ("implementation", "mode"),
-    [
-        pytest.param("xla", "dot", id="xla-dot", marks=pytest.mark.slow),
-        pytest.param("xla", "concat", id="xla-concat"),
-        pytest.param("blocked", "dot", id="blocked-dot", marks=pytest.mark.slow),
-        pytest.param("blocked", "concat", id="blocked-concat", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.parametrize(("implementation", "mode"), DENSE_AND_BLOCKED)
 def test_bfloat16_jvp_and_hvp(implementation, mode):
     """bfloat16 inputs with bfloat16 matmul operands (the mixed-precision product on the
     dense path): jvp and forward-over-reverse HVP within bfloat16 tolerances of float64
