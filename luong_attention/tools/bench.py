@@ -477,18 +477,21 @@ def _summary(
 
 
 def _forward_mode_ratios(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """``ours`` jvp / forward and hvp / gradient time at each length of the forward-mode rows."""
+    """``ours`` jvp / forward and hvp / gradient time of each jvp or hvp row whose forward or
+    gradient twin (same problem) was timed in the run."""
     ours = {
-        (r["length"], r["kind"]): r["time_s"]["ours"]
+        (_shape_key(r)[:4], bool(r.get("causal")), r["dtype"], r["kind"]): r["time_s"]["ours"]
         for r in rows
-        if "forward-mode" in r["tags"] and "ours" in r.get("time_s", {})
+        if "ours" in r.get("time_s", {})
     }
-    return {
-        f"{kind}/{base} T={t}": ours[t, kind] / ours[t, base]
-        for (t, kind) in ours
-        for base in [{"jvp": "fwd", "hvp": "grad"}.get(kind)]
-        if base and (t, base) in ours
-    }
+    ratios = {}
+    for (shape, causal, dtype, kind), seconds in ours.items():
+        base = {"jvp": "fwd", "hvp": "grad"}.get(kind)
+        if base and (shape, causal, dtype, base) in ours:
+            _, batch, length, _ = shape
+            name = f"{kind}/{base} T={length}" + (f" B={batch}" if batch != 1 else "")
+            ratios[name] = seconds / ours[shape, causal, dtype, base]
+    return ratios
 
 
 def _shape_key(row: dict[str, Any]) -> tuple:

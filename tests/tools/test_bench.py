@@ -24,8 +24,13 @@ def test_quick_bench_writes_json_and_plots(tmp_path, capsys):
     assert {(r["mode"], r["kind"]) for r in rows} == {
         ("dot", "fwd"),
         ("dot", "grad"),
+        ("dot", "jvp"),
+        ("dot", "hvp"),
         ("concat", "grad"),
     }
+    # Forward mode beside forward and gradient of the same problem, as same-run ratios.
+    for name in ("jvp/fwd T=64 B=2", "hvp/grad T=64 B=2"):
+        assert report["summary"][name] > 0
     # The causal row went through every implementation's own causal mask, and they agreed.
     (causal,) = [r for r in rows if r.get("causal")]
     assert {"ours", "keras", "jax.nn"} <= set(causal["agreement"])
@@ -34,7 +39,10 @@ def test_quick_bench_writes_json_and_plots(tmp_path, capsys):
         assert {"ours", "keras"} <= set(row["impls"])
         assert ("jax.nn" in row["impls"]) == (row["mode"] == "dot")
         # torch (a child process) only where it is installed, and then on every dot row.
-        assert ("torch" in row["impls"]) == (row["mode"] == "dot" and HAVE_TORCH)
+        forward_or_grad = row["kind"] in ("fwd", "grad")
+        assert ("torch" in row["impls"]) == (
+            row["mode"] == "dot" and forward_or_grad and HAVE_TORCH
+        )
         assert ("ratio_to_torch" in row) == ("torch" in row["impls"])
         assert all(t > 0 for t in row["time_s"].values())
         # The agreement check ran on every implementation before timing.

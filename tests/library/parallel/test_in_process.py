@@ -158,13 +158,14 @@ def _assert_close(got, want):
 
 # (score_mode, causal, devices, layout, q_length, kv_length): Tq != Tv, lengths that do not
 # divide (slices of padding only: 11 keys on 8 devices), zigzag, both modes, causal or not.
+# Two of them, each like another in the default run, in `pytest -m slow` only (time).
 RING_CASES = [
     ("dot", False, 2, "contiguous", 12, 9),
-    ("dot", True, 4, "contiguous", 7, 11),
+    pytest.param("dot", True, 4, "contiguous", 7, 11, marks=pytest.mark.slow),
     ("concat", True, 8, "contiguous", 9, 11),
     ("concat", True, 2, "zigzag", 12, 8),
     ("dot", True, 4, "zigzag", 16, 24),
-    ("concat", False, 3, "zigzag", 18, 12),
+    pytest.param("concat", False, 3, "zigzag", 18, 12, marks=pytest.mark.slow),
 ]
 
 
