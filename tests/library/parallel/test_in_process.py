@@ -378,7 +378,7 @@ def _hessian_vector(attention, primals, tangents, cotangent, forward):
     ("strategy", "forward"),
     [
         ("ring", True),
-        ("replicated", False),
+        pytest.param("replicated", False, marks=pytest.mark.slow),
         pytest.param("ring", False, marks=pytest.mark.slow),
     ],
 )
