@@ -12,7 +12,8 @@ merged statistics. Forward mode: dK and dV travel with K and V, and each pair ad
 of the rows' output tangent. Reverse mode, the transpose of that pass: dQ stays home, while K,
 V and their dK/dV accumulators travel and arrive back on their owner after ``n`` steps. Only
 the local shards, the per-row statistics and two blocks in flight live on a device, so memory
-per device falls as ``1/n``, in every mode and order.
+per device falls as ``1/n`` in reverse and forward mode and forward over reverse
+(reverse over reverse or over forward differentiates every-tile loops that save each tile).
 
 A sequence is laid out ``"contiguous"`` (one part per device) or ``"zigzag"`` (two parts, see
 :mod:`~luong_attention._src.parallel.layout`); every step attends each local query part to

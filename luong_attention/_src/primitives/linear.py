@@ -11,7 +11,8 @@ non-linear inputs (second order: Hessians, gradients of gradients) go through
 differentiate it in every mode (static loop bounds).
 
 Under ``vmap`` the primitive records the batched axes of each level and runs its functions
-under the same ``vmap`` (with the axis name, so collectives inside still see it), which
+under the same ``vmap`` (with the axis name, so collectives inside still see it, and the
+``spmd_axis_name``), which
 keeps every per-example detail of the kernels (dropout streams, per-example weights) as
 the unbatched call computes it.
 """
@@ -53,12 +54,13 @@ class _Level(NamedTuple):
 
     name: Any
     size: int
+    spmd: Any
     res: tuple[int | None, ...]
     lin: tuple[int | None, ...]
     out: tuple[int | None, ...]
 
     def transposed(self) -> _Level:
-        return _Level(self.name, self.size, self.res, self.out, self.lin)
+        return _Level(self.name, self.size, self.spmd, self.res, self.out, self.lin)
 
 
 linear_p = jex_core.Primitive("luong_linear")
@@ -116,6 +118,7 @@ def _run(which: str, args, *, fn, trees, avals, levels, effect_set=None) -> list
             in_axes=(list(level.res), list(level.lin)),
             axis_name=level.name,
             axis_size=level.size,
+            spmd_axis_name=level.spmd,
         )(res, lin)
         return [o if axis == 0 else o.sum(0) for o, axis in zip(outs, level.out, strict=True)]
 
@@ -196,7 +199,12 @@ def _batch(axis_data, args, dims, *, fn, trees, avals, levels, effect_set):
     axes = tuple(None if d is None else 0 for d in dims)
     lin_avals, out_avals = avals
     level = _Level(
-        axis_data.name, axis_data.size, axes[:n_res], axes[n_res:], (0,) * len(out_avals)
+        axis_data.name,
+        axis_data.size,
+        axis_data.spmd_name,
+        axes[:n_res],
+        axes[n_res:],
+        (0,) * len(out_avals),
     )
 
     def grow(aval, axis=0):
