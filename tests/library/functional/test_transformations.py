@@ -365,6 +365,28 @@ def test_vmap_of_jvp(implementation):
     _close(got_p, want_p, label="over primals")
 
 
+def test_vmap_of_jvp_and_grad_with_spmd_axis_name():
+    """A ``vmap`` with ``spmd_axis_name`` (batch sharded over a mesh axis) around the
+    blocked kernel's jvp and gradient (the linear primitive re-applies such a ``vmap``):
+    the numbers are the float64 reference's."""
+    shape = _shape("blocked")
+    masks = _masks(shape, True)
+    q, k, v = (jnp.stack([x, 0.5 * x]) for x in _inputs(shape, seed=5))
+    dq = jnp.stack([_tangents((q[0],), seed=s)[0] for s in range(2)])
+
+    def jvp_and_grad(f, q, k, v, dq):
+        out = jax.jvp(lambda q: f(q, k, v), (q,), (dq,))[1]
+        return out, jax.grad(lambda q: (f(q, k, v) * out).sum())(q)
+
+    with jax.set_mesh(jax.make_mesh((1,), ("x",))):
+        fn = functools.partial(jvp_and_grad, _attention("blocked", "dot", masks))
+        got = jax.jit(jax.vmap(fn, spmd_axis_name="x"))(q, k, v, dq)
+    want = _reference(
+        lambda f: jax.vmap(functools.partial(jvp_and_grad, f)), _dense64("dot", masks), q, k, v, dq
+    )
+    _close(got, want, label="(jvp, grad)")
+
+
 # ------------------------------------------------------------ second order, float32
 
 
