@@ -233,24 +233,49 @@ def attend_rows(kernel: Kernel, cfg: TileConfig, ops: Operands) -> RowStats:
 def _attend_rows_jvp(kernel: Kernel, cfg: TileConfig, primals, tangents):
     (ops,), (d_ops,) = primals, tangents
     stats = attend_rows(kernel, cfg, ops)
-    d_out, d_lse = linear_call(_linear_map(kernel, cfg), (ops, stats), tuple(d_ops[:4]))
-    return stats, RowStats(d_out, d_lse, jnp.zeros_like(stats.denom))
-
-
-def _linear_map(kernel: Kernel, cfg: TileConfig) -> Linear:
-    """The tangent pass and its transpose, the kernel's backward, as a :class:`Linear`."""
-    exact = kernel.differentiable or kernel
-    every = cfg._replace(every_tile=True)
-
-    def tangent(kernel: Kernel, cfg: TileConfig, res, d_ops):
-        return kernel.tangent(cfg, *res, d_ops)
-
-    def backward(kernel: Kernel, cfg: TileConfig, res, cts):
-        return kernel.backward(cfg, *res, *cts)
-
-    return Linear(
-        apply=functools.partial(tangent, kernel, cfg),
-        transpose=functools.partial(backward, kernel, cfg),
-        reference=functools.partial(tangent, exact, every),
-        transpose_reference=functools.partial(backward, exact, every),
+    passes = (
+        functools.partial(_kernel_tangent, kernel, cfg),
+        functools.partial(_kernel_backward, kernel, cfg),
     )
+    return stats, rows_tangent(*passes, (ops, stats), tuple(d_ops[:4]), stats)
+
+
+def exact_kernel(kernel: Kernel, cfg: TileConfig) -> tuple[Kernel, TileConfig]:
+    """The kernel's maths in code JAX differentiates in every mode, every tile visited: what
+    derivatives of its tangent and backward passes differentiate."""
+    return kernel.differentiable or kernel, cfg._replace(every_tile=True)
+
+
+def _kernel_tangent(kernel: Kernel, cfg: TileConfig, exact: bool, res, d_ops):
+    kernel, cfg = exact_kernel(kernel, cfg) if exact else (kernel, cfg)
+    return kernel.tangent(cfg, *res, d_ops)
+
+
+def _kernel_backward(kernel: Kernel, cfg: TileConfig, exact: bool, res, cts):
+    kernel, cfg = exact_kernel(kernel, cfg) if exact else (kernel, cfg)
+    return kernel.backward(cfg, *res, *cts)
+
+
+def rows_tangent(
+    tangent: Callable[..., tuple[jax.Array, jax.Array]],
+    backward: Callable[..., tuple],
+    residuals,
+    d_ops: tuple,
+    stats: RowStats,
+) -> RowStats:
+    """The tangent of rows' :class:`RowStats` (a ``custom_jvp`` rule's tangent output).
+
+    One :func:`~luong_attention._src.primitives.linear.linear_call`: ``tangent(exact,
+    residuals, d_ops) -> (d_out, d_lse)`` evaluated, transposed into ``backward(exact,
+    residuals, (d_out, d_lse) cotangents) -> d_ops`` cotangents, both differentiated with
+    ``exact=True``. ``m`` carries the logsumexp's tangent and ``denom`` none: every use of
+    the statistics goes through ``m + log(denom)``.
+    """
+    linear = Linear(
+        apply=functools.partial(tangent, False),
+        transpose=functools.partial(backward, False),
+        reference=functools.partial(tangent, True),
+        transpose_reference=functools.partial(backward, True),
+    )
+    d_out, d_lse = linear_call(linear, residuals, d_ops)
+    return RowStats(d_out, d_lse, jnp.zeros_like(stats.denom))

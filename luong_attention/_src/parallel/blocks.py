@@ -34,10 +34,11 @@ from luong_attention._src.kernels.api import (
     SoftmaxState,
     TileConfig,
     empty_state,
+    exact_kernel,
     finalise,
+    rows_tangent,
 )
 from luong_attention._src.kernels.registry import get_kernel
-from luong_attention._src.primitives.linear import Linear, linear_call
 from luong_attention._src.primitives.masks import MASK_PENALTY
 from luong_attention._src.primitives.rows import join_rows, split_rows
 from luong_attention._src.primitives.scores import ScoreParams
@@ -113,24 +114,15 @@ def rows_jvp(rows: Callable[..., RowStats], tangent: Pass, backward: Pass) -> Ca
     RowStats``.
 
     The primal is ``rows`` itself (so derivatives of the rule go through it again); the
-    tangent is one :func:`~luong_attention._src.primitives.linear.linear_call` that runs
-    ``tangent`` (tangents ``(dq, dk, dv, dweight)`` to those of the rows' output and
-    logsumexp, ``(d_out, d_lse)``), transposes to ``backward`` (their pull-back) and
-    differentiates both with ``exact=True`` (:func:`kernel_config`). As in
-    :func:`~luong_attention._src.kernels.api.attend_rows`, ``m`` carries the logsumexp's
-    tangent and ``denom`` none.
+    tangent is :func:`~luong_attention._src.kernels.api.rows_tangent` of the strategy's
+    ``tangent`` pass (tangents ``(dq, dk, dv, dweight)`` to ``(d_out, d_lse)``) and its
+    transpose ``backward``, differentiated with ``exact=True`` (:func:`kernel_config`).
     """
 
     def rule(plan: Plan, primals: tuple, tangents: tuple) -> tuple[RowStats, RowStats]:
         stats = rows(plan, *primals)
-        linear = Linear(
-            apply=functools.partial(tangent, plan, False),
-            transpose=functools.partial(backward, plan, False),
-            reference=functools.partial(tangent, plan, True),
-            transpose_reference=functools.partial(backward, plan, True),
-        )
-        d_out, d_lse = linear_call(linear, Residuals(*primals, stats), tuple(tangents[:4]))
-        return stats, RowStats(d_out, d_lse, jnp.zeros_like(stats.denom))
+        passes = (functools.partial(tangent, plan), functools.partial(backward, plan))
+        return stats, rows_tangent(*passes, Residuals(*primals, stats), tuple(tangents[:4]), stats)
 
     return rule
 
@@ -159,9 +151,7 @@ def kernel_config(
     cfg = kernel.config(
         plan.score_mode, plan.q_chunk, plan.kv_chunk, depth, causal=plan.causal, batch=batch
     )
-    if exact:
-        return kernel.differentiable or kernel, cfg._replace(every_tile=True)
-    return kernel, cfg
+    return exact_kernel(kernel, cfg) if exact else (kernel, cfg)
 
 
 def key_masks(
